@@ -1,0 +1,81 @@
+"""``imatrix <subcommand>``: the command-line face of the library.
+
+Why a package of one module per subcommand: each subcommand owns its flags and
+stays small; adding one is a new module plus a line in ``_SUBCOMMANDS``. Every
+subcommand's ``run`` calls library functions only; this module turns
+:class:`~imatrix.errors.ImatrixError` into one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from imatrix import __version__
+from imatrix.errors import ImatrixError
+
+log = logging.getLogger("imatrix")
+
+#: modules under imatrix.cli, each with ``register(subparsers)``
+_SUBCOMMANDS = (
+    "combine",
+    "convert",
+    "info",
+)
+
+
+def add_verbosity(p: argparse.ArgumentParser) -> None:
+    """The ``-v/-q`` pair every subcommand takes."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    g.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
+
+
+def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
+    """Log to stderr; WARNING by default... INFO with -v is too quiet for long jobs, so
+    INFO is the default, -v gives DEBUG, -q WARNING, -qq ERROR."""
+    level = logging.INFO - 10 * verbose + 10 * quiet
+    level = max(logging.DEBUG, min(logging.CRITICAL, level))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imatrix",
+        description="Compute, combine, inspect and use importance matrices for GGUF models.",
+    )
+    parser.add_argument("--version", action="version", version=f"imatrix-pipeline {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
+    for name in _SUBCOMMANDS:
+        importlib.import_module(f"imatrix.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "setup_logging", True):
+        setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", 0))
+    try:
+        rc = args.run(args)
+    except ImatrixError as exc:
+        msg = " ".join(str(exc).split())
+        print(f"imatrix {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"imatrix {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

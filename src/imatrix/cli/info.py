@@ -1,0 +1,44 @@
+"""``imatrix info``: what an imatrix file holds (datasets, chunks, tensors, experts, provenance)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from imatrix.cli import add_verbosity
+from imatrix.formats import describe, read_imatrix
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe an imatrix file")
+    p.add_argument("input", metavar="IN", help="imatrix file (GGUF or .dat)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="chunk size for .dat inputs")
+    add_verbosity(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    data = read_imatrix(args.input, chunk_size=args.ctx_size, strict=False)
+    info = describe(data, args.input)
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return 0
+    lines = [
+        f"file:        {info['file']} ({info['format']})",
+        f"datasets:    {', '.join(info['datasets']) or '-'}",
+        f"chunks:      {info['chunk_count']} x {info['chunk_size']} tokens",
+        f"tensors:     {info['tensors']} ({info['moe_tensors']} with experts, up to {info['experts']})",
+        f"in_sum:      {'yes' if info['has_activation_sums'] else 'no'}",
+    ]
+    dead = info["entries_with_unused_experts"]
+    if dead:
+        lines.append(f"unused experts in {len(dead)} tensors")
+    prov = info["provenance"]
+    if prov["model_sha256"]:
+        lines.append(f"model:       sha256 {prov['model_sha256']}")
+    for sha in prov["dataset_sha256"]:
+        lines.append(f"dataset:     sha256 {sha}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0

@@ -1,0 +1,506 @@
+"""Reading and writing imatrix files: GGUF (llama-imatrix's and our extended layout) and
+legacy ``.dat``, byte for byte as llama.cpp writes them.
+
+Why here and not in :mod:`imatrix.model`: the arithmetic llama.cpp does while loading
+and saving (legacy values scaled by the chunk size, divided by counts and multiplied
+by ncall, in float32) is a property of the files, and must happen exactly once, at the
+boundary, for our bytes to equal llama-imatrix's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imatrix import __version__
+from imatrix.constants import (
+    DEFAULT_CHUNK_SIZE,
+    GENERAL_TYPE_IMATRIX,
+    KEY_CHUNK_COUNT,
+    KEY_CHUNK_REACHED,
+    KEY_CHUNK_SIZE,
+    KEY_DATASET_SHA256,
+    KEY_DATASETS,
+    KEY_GENERAL_ARCHITECTURE,
+    KEY_GENERAL_TYPE,
+    KEY_MODEL_SHA256,
+    KEY_TOKENIZER,
+    KEY_VERSION,
+    SUFFIX_COUNTS,
+    SUFFIX_IN_SUM,
+    SUFFIX_IN_SUM2,
+)
+from imatrix.errors import ImatrixError
+from imatrix.gguf_io import GGML_TYPE_F32, GGUFFile, GGUFValueType, GGUFWriter, read_gguf
+from imatrix.model import Entry, ImatrixData, Provenance
+
+log = logging.getLogger(__name__)
+
+FORMAT_GGUF = "gguf"
+FORMAT_DAT = "dat"
+FORMATS = (FORMAT_GGUF, FORMAT_DAT)
+
+#: A legacy tensor name longer than this is taken as a corrupt header.
+_MAX_NAME = 1 << 16
+
+
+# ---------------------------------------------------------------------------
+# atomic writes
+
+
+def atomic_write(path: str | Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that no reader ever sees a partial file.
+
+    Temporary file in the same directory, fsync, rename over the target, fsync of the
+    directory. On any failure the temporary file is removed and the target is left as
+    it was (a previous file under that name survives untouched).
+    """
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path):
+    """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
+
+    For writers that need a file name (llama.cpp's quantizer, pyarrow): they write the
+    temporary file, and only a complete file ever appears under the final name.
+    """
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise ImatrixError(f"{target}: output directory {parent} does not exist")
+    if target.is_dir():
+        raise ImatrixError(f"{target}: is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    except PermissionError as exc:
+        raise ImatrixError(f"{target}: cannot write to directory {parent} (permission denied)") from exc
+    except OSError as exc:
+        raise ImatrixError(f"{target}: cannot create a file in {parent}: {exc.strerror}") from exc
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+        with contextlib.suppress(OSError):
+            dfd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc.errno == errno.ENOSPC:
+            raise ImatrixError(f"{target}: no space left on device while writing") from exc
+        raise ImatrixError(f"{target}: write failed: {exc.strerror or exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# detection and reading
+
+
+def detect_format(path: str | Path) -> str:
+    """``gguf`` or ``dat``, from the file's first bytes (never from its name)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except FileNotFoundError as exc:
+        raise ImatrixError(f"{path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise ImatrixError(f"{path}: is a directory, not a file") from exc
+    except OSError as exc:
+        raise ImatrixError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if not head:
+        raise ImatrixError(f"{path}: file is empty")
+    return FORMAT_GGUF if head == b"GGUF" else FORMAT_DAT
+
+
+def read_imatrix(
+    path: str | Path, *, chunk_size: int | None = None, strict: bool = True
+) -> ImatrixData:
+    """Read an imatrix file of either format.
+
+    ``chunk_size`` is needed only by legacy files (their values are per-chunk means;
+    llama.cpp multiplies them back by its ``-c``, default 512). With ``strict`` (the
+    default) non-finite or negative values are refused; the health check reads with
+    ``strict=False`` to report them instead.
+    """
+    fmt = detect_format(path)
+    if fmt == FORMAT_GGUF:
+        data = _from_gguf(read_gguf(path), strict=strict)
+    else:
+        data = _read_dat(path, chunk_size or DEFAULT_CHUNK_SIZE)
+    if strict:
+        _check_values(data, str(path))
+    return data
+
+
+def _check_values(data: ImatrixData, src: str) -> None:
+    for name, e in data.entries.items():
+        if not np.all(np.isfinite(e.values)):
+            raise ImatrixError(f"{src}: tensor '{name}' has non-finite sums (NaN or Inf)")
+        if np.any(e.values < 0):
+            raise ImatrixError(f"{src}: tensor '{name}' has negative sums of squares")
+        if not np.all(np.isfinite(e.counts)) or np.any(e.counts < 0):
+            raise ImatrixError(f"{src}: tensor '{name}' has invalid counts")
+        if e.sums is not None and not np.all(np.isfinite(e.sums)):
+            raise ImatrixError(f"{src}: tensor '{name}' has non-finite activation sums")
+
+
+def _kv_str(g: GGUFFile, key: str) -> str | None:
+    kv = g.kv.get(key)
+    if kv is None:
+        return None
+    if kv.type != GGUFValueType.STRING:
+        raise ImatrixError(f"{g.path}: key '{key}' should be a string")
+    return kv.value
+
+
+def _kv_u32(g: GGUFFile, key: str) -> int | None:
+    kv = g.kv.get(key)
+    if kv is None:
+        return None
+    if kv.type not in (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64):
+        raise ImatrixError(f"{g.path}: key '{key}' should be an unsigned integer")
+    return int(kv.value)
+
+
+def _kv_strings(g: GGUFFile, key: str) -> list[str]:
+    kv = g.kv.get(key)
+    if kv is None:
+        return []
+    if kv.type != GGUFValueType.ARRAY or kv.elem_type != GGUFValueType.STRING:
+        raise ImatrixError(f"{g.path}: key '{key}' should be an array of strings")
+    return list(kv.value)
+
+
+def _from_gguf(g: GGUFFile, *, strict: bool) -> ImatrixData:
+    gtype = g.get(KEY_GENERAL_TYPE)
+    if gtype is not None and gtype != GENERAL_TYPE_IMATRIX:
+        raise ImatrixError(f"{g.path}: is a GGUF of type '{gtype}', not an imatrix")
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for t in g.tensors:
+        for suffix in (SUFFIX_IN_SUM2, SUFFIX_COUNTS, SUFFIX_IN_SUM):
+            if t.name.endswith(suffix):
+                if t.type != GGML_TYPE_F32:
+                    raise ImatrixError(f"{g.path}: tensor '{t.name}' must be F32")
+                assert t.data is not None
+                groups.setdefault(t.name[: -len(suffix)], {})[suffix] = t.data
+                break
+    if not any(SUFFIX_IN_SUM2 in grp for grp in groups.values()):
+        if g.get(KEY_GENERAL_ARCHITECTURE) is not None or g.tensors:
+            raise ImatrixError(
+                f"{g.path}: is a model GGUF (no '*.in_sum2' tensors), not an imatrix"
+            )
+        raise ImatrixError(f"{g.path}: no data in imatrix file")
+    entries: dict[str, Entry] = {}
+    for name in sorted(groups):
+        grp = groups[name]
+        if SUFFIX_IN_SUM2 not in grp or SUFFIX_COUNTS not in grp:
+            raise ImatrixError(f"{g.path}: mismatched sums and counts for '{name}'")
+        e = Entry(grp[SUFFIX_IN_SUM2], grp[SUFFIX_COUNTS], grp.get(SUFFIX_IN_SUM))
+        try:
+            e.check(name)
+        except ImatrixError as exc:
+            raise ImatrixError(f"{g.path}: {exc}") from None
+        entries[name] = e
+    chunk_size = _kv_u32(g, KEY_CHUNK_SIZE) or 0
+    chunk_count = _kv_u32(g, KEY_CHUNK_COUNT) or 0
+    sha = _kv_str(g, KEY_MODEL_SHA256)
+    reached = _kv_u32(g, KEY_CHUNK_REACHED)
+    prov = Provenance(
+        model_sha256=sha,
+        dataset_sha256=_kv_strings(g, KEY_DATASET_SHA256),
+        tokenizer=_kv_str(g, KEY_TOKENIZER),
+        version=_kv_str(g, KEY_VERSION),
+        chunk_reached=reached,
+    )
+    data = ImatrixData(
+        entries=entries,
+        datasets=_kv_strings(g, KEY_DATASETS),
+        chunk_count=chunk_count,
+        chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+        provenance=prov,
+    )
+    data.has_metadata = all(k in g.kv for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE))
+    return data
+
+
+@dataclass
+class _DatEntry:
+    name: str
+    ncall: int
+    values: np.ndarray  # float32, as stored
+
+
+@dataclass
+class _DatFile:
+    entries: list[_DatEntry]
+    chunk_count: int
+    dataset: str | None
+
+
+def _parse_dat(path: str | Path) -> _DatFile:
+    p = str(path)
+    try:
+        raw = Path(p).read_bytes()
+    except FileNotFoundError as exc:
+        raise ImatrixError(f"{p}: no such file") from exc
+    except OSError as exc:
+        raise ImatrixError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    pos = 0
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal pos
+        if n < 0 or pos + n > len(raw):
+            raise ImatrixError(
+                f"{p}: truncated or corrupt .dat imatrix: {what} at byte {pos} needs {n} bytes, "
+                f"{len(raw) - pos} left"
+            )
+        out = raw[pos : pos + n]
+        pos += n
+        return out
+
+    def i32(what: str) -> int:
+        return struct.unpack("<i", take(4, what))[0]
+
+    n_entries = i32("entry count")
+    if n_entries < 1:
+        raise ImatrixError(f"{p}: not an imatrix (.dat header says {n_entries} entries)")
+    # each entry needs at least 16 bytes: reject a lying header before looping
+    if n_entries * 16 > len(raw):
+        raise ImatrixError(
+            f"{p}: corrupt .dat imatrix: header claims {n_entries} entries in {len(raw)} bytes"
+        )
+    entries: list[_DatEntry] = []
+    seen: set[str] = set()
+    for i in range(n_entries):
+        n = i32(f"name length of entry {i + 1}")
+        if not 0 < n <= _MAX_NAME:
+            raise ImatrixError(f"{p}: corrupt .dat imatrix: entry {i + 1} has name length {n}")
+        try:
+            name = take(n, f"name of entry {i + 1}").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ImatrixError(f"{p}: corrupt .dat imatrix: entry {i + 1} name is not UTF-8") from exc
+        if "\0" in name:
+            raise ImatrixError(f"{p}: corrupt .dat imatrix: entry {i + 1} name has a NUL byte")
+        if name in seen:
+            raise ImatrixError(f"{p}: corrupt .dat imatrix: duplicate entry '{name}'")
+        seen.add(name)
+        ncall = i32(f"ncall of '{name}'")
+        nval = i32(f"value count of '{name}'")
+        if nval < 1:
+            raise ImatrixError(f"{p}: corrupt .dat imatrix: '{name}' has {nval} values")
+        vals = np.frombuffer(take(4 * nval, f"values of '{name}'"), dtype="<f4").copy()
+        entries.append(_DatEntry(name, ncall, vals))
+    chunk_count = 0
+    dataset: str | None = None
+    if pos < len(raw):
+        chunk_count = i32("chunk count")
+        ln = i32("dataset name length")
+        if ln < 0:
+            raise ImatrixError(f"{p}: corrupt .dat imatrix: dataset name length {ln}")
+        if ln > 0:
+            dataset = take(ln, "dataset name").decode("utf-8", errors="replace")
+        if pos != len(raw):
+            raise ImatrixError(f"{p}: corrupt .dat imatrix: {len(raw) - pos} unexpected trailing bytes")
+    return _DatFile(entries, chunk_count, dataset)
+
+
+def _read_dat(path: str | Path, chunk_size: int) -> ImatrixData:
+    if chunk_size <= 0:
+        raise ImatrixError(f"chunk size must be positive, got {chunk_size}")
+    dat = _parse_dat(path)
+    cs = np.float32(chunk_size)
+    entries = {
+        e.name: Entry(
+            (e.values * cs).astype(np.float32),  # llama.cpp: sums[j] * chunk_size in float
+            np.array([float(e.ncall) * chunk_size]),
+        )
+        for e in dat.entries
+    }
+    return ImatrixData(
+        entries=dict(sorted(entries.items())),
+        datasets=[dat.dataset] if dat.dataset else [],
+        chunk_count=dat.chunk_count,
+        chunk_size=chunk_size,
+        is_legacy=True,
+    )
+
+
+def load_means(path: str | Path) -> tuple[dict[str, np.ndarray], list[str], int]:
+    """What llama-quantize's ``load_imatrix`` computes from a file: per-tensor means,
+    the datasets and the chunk count.
+
+    GGUF: ``sum / count`` per expert in float32 (1.0 where the count is 0), and the file
+    must have its metadata keys. Legacy: the stored ``mean * ncall`` divided by ncall.
+    """
+    if detect_format(path) == FORMAT_DAT:
+        dat = _parse_dat(path)
+        means: dict[str, np.ndarray] = {}
+        for e in dat.entries:
+            means[e.name] = (e.values / np.float32(e.ncall)).astype(np.float32) if e.ncall > 0 else e.values
+        return means, [dat.dataset] if dat.dataset else [], dat.chunk_count
+    data = read_imatrix(path)
+    if not data.has_metadata:
+        raise ImatrixError(f"{path}: missing imatrix metadata (datasets, chunk count, chunk size)")
+    return data.means(), data.datasets, data.chunk_count
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+
+def to_gguf_bytes(data: ImatrixData, *, compat: bool = False) -> bytes:
+    """The bytes llama-imatrix's ``save_imatrix`` would write for this data.
+
+    Without ``compat`` we add ``<name>.in_sum`` tensors (when every entry has them) and
+    our ``imatrix_pipeline.*`` provenance keys, which llama.cpp ignores.
+    """
+    w = GGUFWriter()
+    w.add_string(KEY_GENERAL_TYPE, GENERAL_TYPE_IMATRIX)
+    w.add_string_array(KEY_DATASETS, data.datasets)
+    w.add_uint32(KEY_CHUNK_COUNT, data.chunk_count)
+    w.add_uint32(KEY_CHUNK_SIZE, data.chunk_size)
+    with_sums = not compat and data.has_sums
+    if not compat:
+        prov = data.provenance
+        w.add_string(KEY_VERSION, __version__)
+        if prov.model_sha256:
+            w.add_string(KEY_MODEL_SHA256, prov.model_sha256)
+        if prov.dataset_sha256:
+            w.add_string_array(KEY_DATASET_SHA256, prov.dataset_sha256)
+        if prov.tokenizer:
+            w.add_string(KEY_TOKENIZER, prov.tokenizer)
+        if prov.chunk_reached is not None:
+            w.add_uint32(KEY_CHUNK_REACHED, prov.chunk_reached)
+    _warn_partial(data)
+    for name in sorted(data.entries, key=lambda s: s.encode("utf-8")):
+        e = data.entries[name]
+        nmat = e.n_counts
+        nval = e.values.size
+        if nval == 0 or nmat == 0:
+            continue
+        w.add_f32_tensor(name + SUFFIX_IN_SUM2, e.values, (nval // nmat, nmat))
+        w.add_f32_tensor(name + SUFFIX_COUNTS, e.counts, (1, nmat))
+        if with_sums:
+            assert e.sums is not None
+            w.add_f32_tensor(name + SUFFIX_IN_SUM, e.sums, (nval // nmat, nmat))
+    return w.to_bytes()
+
+
+def _warn_partial(data: ImatrixData) -> None:
+    for name, e in sorted(data.entries.items()):
+        zeros = int(np.count_nonzero(e.counts == 0))
+        if 0 < zeros:
+            pct = 100.0 * (e.n_counts - zeros) / e.n_counts
+            log.warning("entry '%s' has partial data (%.2f%%)", name, pct)
+
+
+def to_dat_bytes(data: ImatrixData, *, dataset: str | None = None) -> bytes:
+    """The bytes llama-imatrix's ``save_imatrix_legacy`` would write for this data.
+
+    Entries whose counts are all zero are dropped (with a warning), values are stored
+    as ``sum / count * ncall`` in float32 with ``ncall = ceil(max count / chunk size)``,
+    a zero-count expert stores 1.0; then the chunk count and the dataset name (the
+    last dataset unless ``dataset`` is given).
+    """
+    cs = data.chunk_size
+    if cs <= 0:
+        raise ImatrixError(f"chunk size must be positive, got {cs}")
+    out: list[bytes] = []
+    stored = []
+    for name in sorted(data.entries, key=lambda s: s.encode("utf-8")):
+        e = data.entries[name]
+        if e.n_counts == 0:
+            continue
+        if not np.any(e.counts != 0):
+            log.warning("entry '%s' has no data - skipping", name)
+            continue
+        stored.append(name)
+    if len(stored) < len(data.entries):
+        log.warning("storing only %d out of %d entries", len(stored), len(data.entries))
+    out.append(struct.pack("<i", len(stored)))
+    for name in stored:
+        e = data.entries[name]
+        counts_i = np.round(e.counts).astype(np.int64)
+        ncall = int((int(counts_i.max()) + cs - 1) // cs)
+        raw = name.encode("utf-8")
+        out.append(struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, e.values.size))
+        counts = np.repeat(counts_i.astype(np.float32), e.row_size)
+        vals = e.values.astype(np.float32)
+        zero = counts == 0
+        vals = np.where(zero, np.float32(1.0), vals)
+        counts = np.where(zero, np.float32(1.0), counts)
+        tmp = (vals / counts).astype(np.float32) * np.float32(ncall)
+        out.append(tmp.astype("<f4").tobytes())
+    out.append(struct.pack("<i", data.chunk_count))
+    ds = dataset if dataset is not None else (data.datasets[-1] if data.datasets else "")
+    raw_ds = ds.encode("utf-8")
+    out.append(struct.pack("<i", len(raw_ds)) + raw_ds)
+    return b"".join(out)
+
+
+def write_imatrix(
+    data: ImatrixData,
+    path: str | Path,
+    *,
+    output_format: str = FORMAT_GGUF,
+    compat: bool = False,
+) -> None:
+    """Write ``data`` atomically in the chosen format."""
+    if output_format == FORMAT_GGUF:
+        payload = to_gguf_bytes(data, compat=compat)
+    elif output_format == FORMAT_DAT:
+        payload = to_dat_bytes(data)
+    else:
+        raise ImatrixError(f"unknown output format '{output_format}' (use gguf or dat)")
+    atomic_write(path, payload)
+    log.info("stored %d entries after %d chunks in %s", len(data.entries), data.chunk_count, path)
+
+
+def describe(data: ImatrixData, path: str) -> dict:
+    """A JSON-ready summary for ``imatrix info``."""
+    counts = [e.n_counts for e in data.entries.values()]
+    moe = [n for n, e in data.entries.items() if e.n_counts > 1]
+    dead = {
+        n: int(np.count_nonzero(e.counts == 0)) for n, e in data.entries.items() if np.any(e.counts == 0)
+    }
+    tok = data.provenance.tokenizer
+    return {
+        "file": path,
+        "format": FORMAT_DAT if data.is_legacy else FORMAT_GGUF,
+        "datasets": data.datasets,
+        "chunk_count": data.chunk_count,
+        "chunk_size": data.chunk_size,
+        "tensors": len(data.entries),
+        "moe_tensors": len(moe),
+        "experts": max(counts, default=0),
+        "entries_with_unused_experts": dead,
+        "has_activation_sums": data.has_sums,
+        "provenance": {
+            "model_sha256": data.provenance.model_sha256,
+            "dataset_sha256": data.provenance.dataset_sha256,
+            "tokenizer": json.loads(tok) if tok else None,
+            "version": data.provenance.version,
+            "chunk_reached": data.provenance.chunk_reached,
+        },
+    }
