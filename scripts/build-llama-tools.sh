@@ -42,6 +42,7 @@ cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
 cmake --build "$work/build" --config Release -j "$(nproc)" --target "${TOOLS[@]}" >&2
 
 tmp_bin="$(mktemp -d "$PREFIX/bin.XXXXXX")"
+chmod 755 "$tmp_bin"
 for t in "${TOOLS[@]}"; do cp "$work/build/bin/$t" "$tmp_bin/"; done
 rm -rf "$BIN"
 mv "$tmp_bin" "$BIN"
