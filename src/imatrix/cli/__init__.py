@@ -34,15 +34,31 @@ def add_verbosity(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (tests and wrappers swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
-    """Log to stderr; WARNING by default... INFO with -v is too quiet for long jobs, so
-    INFO is the default, -v gives DEBUG, -q WARNING, -qq ERROR."""
+    """Log to stderr. INFO by default (long jobs should say what they do), -v DEBUG,
+    -q WARNING, -qq ERROR."""
     level = logging.INFO - 10 * verbose + 10 * quiet
     level = max(logging.DEBUG, min(logging.CRITICAL, level))
     root = logging.getLogger()
     for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+        if isinstance(h, _StderrHandler):
+            root.removeHandler(h)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)

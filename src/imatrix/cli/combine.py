@@ -44,8 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("combine", help="combine imatrix files (sums and counts add)")
     p.add_argument("inputs", nargs="+", metavar="IN", help="imatrix files (GGUF or .dat)")
     add_output_options(p)
-    p.add_argument("--weights", help="comma-separated weights, one per input (scale sums and counts)")
-    p.add_argument("--force", action="store_true", help="combine even if inputs come from different models")
+    p.add_argument(
+        "--weights", help="comma-separated weights, one per input (scale sums and counts)"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="combine even if inputs come from different models"
+    )
     add_verbosity(p)
     p.set_defaults(run=run)
 
