@@ -388,6 +388,15 @@ def write_parquet(
 # text tables (llama-imatrix --show-statistics)
 
 
+# printf formats of llama-imatrix's rows, kept as %-formats so they read like the C source
+_LEGACY_ROW = "%5s\t%-20s\t%10.2f\t%8.4f\t%11.4f\t%6.2f\t%6.2f\t%8.2f%%\t%6d\t%10.4f\t%6.2f%%\t%10.2f%%\t%8.4f\n"
+_LEGACY_LAYER_ROW = "%5d\t%14.2f\t%10.4f%%\t%6.4f\n"
+_PREFERRED_ROW = (
+    "%5s\t%s\t%11.4f\t%10.4f\t%10.4f\t%8.4f\t%8.4f\t%7d\t%10.2f%%\t%10.4f\t%6.2f%%\t%10.4f\n"
+)
+_PREFERRED_LAYER_ROW = "%5d\t%11.4f\t%6.2f%%\t%11.4f\t%8.4f\n"
+
+
 def _cs(text: str, width: int, left: bool = False) -> str:
     """printf's ``%Ns`` / ``%-Ns``: pads to a width counted in bytes, as C does."""
     pad = max(0, width - len(text.encode("utf-8")))
@@ -465,7 +474,7 @@ def _legacy_text(t: pd.DataFrame, layers: pd.DataFrame, source: str) -> str:
     out.append("=" * 169 + "\n")
     for r in t.itertuples(index=False):
         out.append(
-            "%5s\t%-20s\t%10.2f\t%8.4f\t%11.4f\t%6.2f\t%6.2f\t%8.2f%%\t%6d\t%10.4f\t%6.2f%%\t%10.2f%%\t%8.4f\n"
+            _LEGACY_ROW
             % (
                 r.x_layer_s,
                 r.tensor,
@@ -488,8 +497,7 @@ def _legacy_text(t: pd.DataFrame, layers: pd.DataFrame, source: str) -> str:
     out.append("=" * 48 + "\n")
     for r in layers.itertuples(index=False):
         out.append(
-            "%5d\t%14.2f\t%10.4f%%\t%6.4f\n"
-            % (r.layer, r.wmean_sum_sqact, r.wmean_zd_pct, _z(r.wmean_cossim))
+            _LEGACY_LAYER_ROW % (r.layer, r.wmean_sum_sqact, r.wmean_zd_pct, _z(r.wmean_cossim))
         )
     out.append("\n")
     return "".join(out)
@@ -512,12 +520,12 @@ def _preferred_text(t: pd.DataFrame, layers: pd.DataFrame, source: str, ecs_k: f
         "ZD",
         "CosSim",
     )
-    out.append("\n" + "\t".join(_cs(s, w) for s, w in zip(names, widths)) + "\n")
+    out.append("\n" + "\t".join(_cs(s, w) for s, w in zip(names, widths, strict=True)) + "\n")
     out.append("=" * 171 + "\n")
     for r in t.itertuples(index=False):
         h_norm = r.entropy_norm_pct if r.elements > 1 else 0.0
         out.append(
-            "%5s\t%s\t%11.4f\t%10.4f\t%10.4f\t%8.4f\t%8.4f\t%7d\t%10.2f%%\t%10.4f\t%6.2f%%\t%10.4f\n"
+            _PREFERRED_ROW
             % (
                 r.x_layer_s,
                 _cs(r.tensor, 20, left=True),
@@ -537,15 +545,16 @@ def _preferred_text(t: pd.DataFrame, layers: pd.DataFrame, source: str, ecs_k: f
     lw = (6, 13, 6, 11, 6)
     out.append(
         "\n"
-        + "\t".join(_cs(s, w) for s, w in zip(("Layer", "L₂ Dist", "ZD", "CosSim", "ECS"), lw))
+        + "\t".join(
+            _cs(s, w) for s, w in zip(("Layer", "L₂ Dist", "ZD", "CosSim", "ECS"), lw, strict=True)
+        )
         + "\n"
     )
     out.append("=" * 57 + "\n")
     for r in layers.itertuples(index=False):
         l2, cs = _z(r.l2_dist), _z(r.cossim_act)
         out.append(
-            "%5d\t%11.4f\t%6.2f%%\t%11.4f\t%8.4f\n"
-            % (r.layer, l2, _z(r.act_zd_pct), cs, ecs_score(l2, cs, ecs_k))
+            _PREFERRED_LAYER_ROW % (r.layer, l2, _z(r.act_zd_pct), cs, ecs_score(l2, cs, ecs_k))
         )
     out.append("\n")
     return "".join(out)

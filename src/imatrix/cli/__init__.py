@@ -24,6 +24,9 @@ _SUBCOMMANDS = (
     "combine",
     "convert",
     "info",
+    "stats",
+    "check",
+    "compare",
 )
 
 

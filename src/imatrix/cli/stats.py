@@ -1,0 +1,69 @@
+"""``imatrix stats``: the statistics table (as ``llama-imatrix --show-statistics``), Parquet
+files and plots of one imatrix."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from imatrix.cli import add_verbosity
+from imatrix.errors import ImatrixError
+from imatrix.formats import read_imatrix
+from imatrix.stats import DEFAULT_ECS_K, PLOTTABLE, compute_statistics, render_tables, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="per-tensor and per-layer statistics (table, Parquet, plots)",
+        description="Print the statistics table llama-imatrix --show-statistics prints "
+        "(the preferred table when the file has activation sums, else the legacy one), "
+        "and optionally write tensors.parquet/layers.parquet and PNG plots.",
+    )
+    p.add_argument("input", metavar="IN", help="imatrix file (GGUF or .dat)")
+    p.add_argument("--parquet", metavar="DIR", help="write tensors.parquet and layers.parquet here")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots here")
+    p.add_argument(
+        "--statistic",
+        action="append",
+        choices=PLOTTABLE,
+        metavar="COL",
+        help="statistic to plot per layer and tensor kind (repeatable; default: a standard set)",
+    )
+    p.add_argument(
+        "--legacy", action="store_true", help="print the legacy table even with activation sums"
+    )
+    p.add_argument("--no-table", action="store_true", help="do not print the table")
+    p.add_argument(
+        "--ecs-k",
+        type=float,
+        default=DEFAULT_ECS_K,
+        help=f"ECS scale K (default {DEFAULT_ECS_K:g})",
+    )
+    p.add_argument(
+        "-c", "--ctx-size", type=int, default=None, help="chunk size for .dat inputs (default 512)"
+    )
+    add_verbosity(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.ctx_size is not None and args.ctx_size <= 0:
+        raise ImatrixError(f"-c/--ctx-size must be positive, got {args.ctx_size}")
+    data = read_imatrix(args.input, chunk_size=args.ctx_size)
+    tensors, layers = compute_statistics(data, ecs_k=args.ecs_k)
+    if not args.no_table:
+        legacy = args.legacy or not bool(tensors["has_sums"].all())
+        sys.stdout.write(
+            render_tables(tensors, layers, args.input, legacy=legacy, ecs_k=args.ecs_k)
+        )
+    if args.parquet:
+        write_parquet(tensors, layers, args.parquet)
+    if args.plot:
+        from imatrix.plots import write_plots  # matplotlib only when plotting
+
+        write_plots(data, tensors, args.plot, args.statistic)
+    return 0

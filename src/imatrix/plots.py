@@ -1,0 +1,300 @@
+"""Pictures of an imatrix: statistics per layer and tensor kind, MoE expert coverage, and
+how two imatrices differ.
+
+Why matplotlib's object API with an explicit Agg canvas (no ``pyplot``): plots are
+written from worker processes and tests without a display, and pyplot's global figure
+state would leak memory across calls. Every PNG is written through
+:func:`imatrix.formats.atomic_output`, so a failed run never leaves a half-written
+picture under the final name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+
+from imatrix.errors import ImatrixError
+from imatrix.formats import atomic_output
+from imatrix.model import ImatrixData
+from imatrix.stats import PLOTTABLE, lround_counts, split_name
+
+log = logging.getLogger(__name__)
+
+#: column -> (axis label, use a logarithmic colour scale)
+LABELS: dict[str, tuple[str, bool]] = {
+    "sum_sqact": ("Σ(Act²) (sum of mean squared activations)", True),
+    "sqact_mean": ("μ of mean squared activations", True),
+    "sqact_max": ("max mean squared activation", True),
+    "sqact_std": ("σ of mean squared activations", True),
+    "active_pct": ("% active channels", False),
+    "entropy": ("entropy H (bits)", False),
+    "entropy_norm_pct": ("normalized entropy H Norm (%)", False),
+    "zd_pct": ("ZD: % channels with z > 1", False),
+    "cossim": ("CosSim with previous layer (Σ Act²)", False),
+    "l2_dist": ("L₂ distance of mean activations to previous layer", False),
+    "cossim_act": ("CosSim of mean activations with previous layer", False),
+    "ecs": ("ECS (Euclidean-Cosine score)", False),
+    "act_zd_pct": ("ZD of mean activations (|z| > 1, %)", False),
+}
+
+#: the heat maps ``imatrix stats --plot`` writes by default
+DEFAULT_STATISTICS = ("sum_sqact", "entropy_norm_pct", "zd_pct", "cossim")
+PREFERRED_STATISTICS = ("l2_dist", "cossim_act", "ecs")
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    p = Path(path)
+    FigureCanvasAgg(fig)
+    with atomic_output(p) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    log.info("wrote %s", p)
+    return p
+
+
+def _grid(df: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str], list[int]]:
+    """``kinds × layers`` matrix of ``column`` (NaN where a kind is absent in a layer)."""
+    t = df[df["layer"].notna()]
+    if t.empty:
+        raise ImatrixError("no tensors inside blocks (blk.N.*): nothing to plot per layer")
+    piv = t.pivot_table(
+        index="tensor", columns="layer", values=column, aggfunc="first", dropna=False
+    )
+    piv = piv.reindex(columns=sorted(int(c) for c in piv.columns))
+    return (
+        piv.to_numpy(dtype=np.float64, na_value=np.nan),
+        [str(i) for i in piv.index],
+        list(piv.columns),
+    )
+
+
+def _heat(
+    fig: Figure,
+    ax,
+    grid: np.ndarray,
+    rows: Sequence[str],
+    cols: Sequence[int],
+    *,
+    log_scale: bool,
+    label: str,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    annotate: bool | None = None,
+) -> None:
+    m = np.ma.masked_invalid(grid)
+    norm: Normalize
+    finite = grid[np.isfinite(grid)]
+    if log_scale and finite.size and (finite > 0).all():
+        norm = LogNorm(vmin=vmin or float(finite.min()), vmax=vmax or float(finite.max()))
+    else:
+        lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+        hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
+    colormap = mpl.colormaps[cmap].copy()
+    colormap.set_bad("#d0d0d0")
+    im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap=colormap, norm=norm)
+    ax.set_yticks(range(len(rows)), labels=list(rows))
+    step = max(1, len(cols) // 32)
+    ax.set_xticks(range(0, len(cols), step), labels=[str(c) for c in cols[::step]])
+    ax.set_xlabel("layer")
+    fig.colorbar(im, ax=ax, label=label)
+    if annotate is None:
+        annotate = grid.size <= 400
+    if annotate:
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                rgba = colormap(norm(v))
+                dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.3g}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if dark else "black",
+                )
+
+
+def plot_layer_heatmap(
+    tensors: pd.DataFrame,
+    path: str | Path,
+    statistic: str = "sum_sqact",
+    *,
+    title: str | None = None,
+    log_scale: bool | None = None,
+) -> Path:
+    """Heat map of one per-tensor statistic: tensor kinds (rows) by layer (columns).
+
+    ``tensors`` is the per-tensor frame of :func:`imatrix.stats.compute_statistics`.
+    Grey cells: the kind is absent in that layer or the statistic is undefined (e.g.
+    CosSim of layer 0).
+    """
+    if statistic not in tensors.columns or statistic not in PLOTTABLE:
+        raise ImatrixError(f"unknown statistic '{statistic}' (choose from {', '.join(PLOTTABLE)})")
+    grid, rows, cols = _grid(tensors, statistic)
+    label, default_log = LABELS.get(statistic, (statistic, False))
+    fig = Figure(figsize=(max(6.0, 1.2 + 0.45 * len(cols)), max(3.0, 1.0 + 0.4 * len(rows))))
+    ax = fig.add_subplot()
+    _heat(
+        fig,
+        ax,
+        grid,
+        rows,
+        cols,
+        log_scale=default_log if log_scale is None else log_scale,
+        label=label,
+    )
+    ax.set_title(title or f"{label} per layer and tensor kind")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def expert_counts(data: ImatrixData) -> tuple[np.ndarray, list[int], str] | None:
+    """``layers × experts`` token counts of the MoE tensors (the least-covered kind per
+    layer), or None for a dense model."""
+    per_layer: dict[int, np.ndarray] = {}
+    kinds: set[str] = set()
+    for name, e in data.entries.items():
+        if e.n_counts <= 1:
+            continue
+        layer_s, kind = split_name(name)
+        if not layer_s.isdigit():
+            continue
+        kinds.add(kind)
+        c = lround_counts(e.counts).astype(np.float64)
+        lay = int(layer_s)
+        if lay in per_layer and per_layer[lay].size == c.size:
+            per_layer[lay] = np.minimum(per_layer[lay], c)
+        else:
+            per_layer[lay] = c
+    if not per_layer:
+        return None
+    n = max(v.size for v in per_layer.values())
+    layers = sorted(per_layer)
+    grid = np.full((len(layers), n), np.nan)
+    for i, lay in enumerate(layers):
+        grid[i, : per_layer[lay].size] = per_layer[lay]
+    return grid, layers, ", ".join(sorted(kinds))
+
+
+def plot_expert_counts(
+    data: ImatrixData, path: str | Path, *, title: str | None = None
+) -> Path | None:
+    """Tokens routed to each expert, per layer (rows) and expert (columns); experts that
+    never fired are marked with a red ✕. Returns None (and writes nothing) for dense
+    models."""
+    ec = expert_counts(data)
+    if ec is None:
+        log.info("no expert tensors: skipping the expert-count plot")
+        return None
+    grid, layers, kinds = ec
+    fig = Figure(figsize=(max(6.0, 1.5 + 0.3 * grid.shape[1]), max(3.0, 1.0 + 0.3 * len(layers))))
+    ax = fig.add_subplot()
+    shown = np.where(grid > 0, grid, np.nan)
+    _heat(
+        fig,
+        ax,
+        shown,
+        [str(x) for x in layers],
+        list(range(grid.shape[1])),
+        log_scale=True,
+        label="tokens routed to the expert",
+        cmap="magma",
+        annotate=grid.size <= 256,
+    )
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    dead_i, dead_j = np.nonzero(grid == 0)
+    if dead_i.size:
+        ax.scatter(dead_j, dead_i, marker="x", color="red", s=40, label="never fired")
+        ax.legend(loc="upper right", fontsize=7)
+    n_dead = int(dead_i.size)
+    ax.set_title(title or f"Tokens per expert ({kinds}); {n_dead} dead expert slot(s)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_comparison(
+    cmp: pd.DataFrame,
+    path: str | Path,
+    *,
+    labels: tuple[str, str] = ("A", "B"),
+    title: str | None = None,
+) -> Path:
+    """Two heat maps of :func:`imatrix.stats.compare_imatrices` by tensor kind and layer:
+    cosine similarity of the per-channel importances, and log₂ of the ratio of their
+    means (B over A: red = B larger)."""
+    both = cmp[cmp["in_a"] & cmp["in_b"]].copy()
+    if both.empty:
+        raise ImatrixError("the two imatrices have no tensors in common")
+    both["log2_ratio"] = np.log2(both["mean_ratio"].to_numpy(np.float64))
+    g1, rows, cols = _grid(both, "cossim")
+    g2, _, _ = _grid(both, "log2_ratio")
+    width = max(7.0, 1.5 + 0.45 * len(cols))
+    fig = Figure(figsize=(width, max(5.0, 2.0 + 0.8 * len(rows))))
+    ax1, ax2 = fig.subplots(2, 1)
+    fin = g1[np.isfinite(g1)]
+    _heat(
+        fig,
+        ax1,
+        g1,
+        rows,
+        cols,
+        log_scale=False,
+        label="cosine similarity",
+        cmap="viridis",
+        vmin=min(float(fin.min()) if fin.size else 0.0, 0.999),
+        vmax=1.0,
+    )
+    ax1.set_title("Cosine similarity of per-channel importance (mean Act²)")
+    fin2 = np.abs(g2[np.isfinite(g2)])
+    lim = max(float(fin2.max()) if fin2.size else 0.0, 1e-3)
+    _heat(
+        fig,
+        ax2,
+        g2,
+        rows,
+        cols,
+        log_scale=False,
+        label=f"log₂(mean {labels[1]} / mean {labels[0]})",
+        cmap="RdBu_r",
+        vmin=-lim,
+        vmax=lim,
+    )
+    ax2.set_title("Change of mean importance")
+    fig.suptitle(title or f"{labels[0]} vs {labels[1]}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_plots(
+    data: ImatrixData,
+    tensors: pd.DataFrame,
+    outdir: str | Path,
+    statistics: Sequence[str] | None = None,
+) -> list[Path]:
+    """The standard set for ``imatrix stats --plot`` and the workflow: one heat map per
+    statistic (``layers_<statistic>.png``) and, for MoE models, ``expert_counts.png``."""
+    out = Path(outdir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImatrixError(f"{out}: cannot create directory: {exc.strerror or exc}") from exc
+    if statistics is None:
+        statistics = DEFAULT_STATISTICS
+        if bool(tensors["has_sums"].all()):
+            statistics = (*statistics, *PREFERRED_STATISTICS)
+    written = [plot_layer_heatmap(tensors, out / f"layers_{s}.png", s) for s in statistics]
+    ec = plot_expert_counts(data, out / "expert_counts.png")
+    if ec is not None:
+        written.append(ec)
+    return written
