@@ -1,0 +1,30 @@
+# One partial imatrix per model x dataset x shard: a contiguous range of the dataset's
+# chunks. The unit of scheduling (a GPU job on a cluster) and of resume: a killed job
+# leaves <shard>.checkpoint beside its output and continues from it when rerun.
+
+
+rule collect:
+    input:
+        model=base_model,
+        tokens="results/{m}/tokens/{d}.npy",
+        meta="results/{m}/tokens/{d}.json",
+    output:
+        shard="results/{m}/shards/{d}/{s}.gguf",
+    log:
+        "logs/{m}/collect/{d}/{s}.log",
+    benchmark:
+        "results/benchmarks/{m}/collect/{d}/{s}.tsv"
+    conda:
+        conda_env(gpu=True)
+    threads: COLLECT["threads"]
+    resources:
+        gpu=gpu_count(COLLECT["ngl"]),
+        mem_mb=model_memory(2),
+        runtime=minutes(120),
+    params:
+        settings=collect_settings(),
+        shards=COLLECT["shards"],
+        chunks_per_shard=COLLECT["chunks_per_shard"],
+        chunks=lambda wildcards: config["datasets"][wildcards.d]["chunks"],
+    script:
+        "../scripts/collect.py"

@@ -1,0 +1,161 @@
+# Helpers shared by all rules: config validation, wildcard constraints, input functions
+# and the default target. Everything that needs more than a lookup lives in the library
+# (imatrix.workflow_helpers), where it is tested without Snakemake.
+
+import re
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# The workflow runs the library of its own checkout, whichever environment runs Snakemake.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from imatrix import workflow_helpers as wh  # noqa: E402
+from imatrix.errors import ImatrixError  # noqa: E402
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+try:
+    wh.check_config(config)
+except ImatrixError as exc:
+    raise WorkflowError(f"invalid config: {exc}") from None
+
+MODELS = list(config["models"])
+DATASETS = list(config["datasets"])
+QUANT_TYPES = wh.canonical_quant_types(config["quantize"]["types"])
+QUANT_TYPES_NO_IMATRIX = wh.types_without_imatrix(QUANT_TYPES)
+COLLECT = config["collect"]
+EVALUATE = config["evaluate"]
+
+
+def alternatives(names):
+    """A wildcard regex matching exactly these names (and nothing when there are none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+wildcard_constraints:
+    m=alternatives(MODELS),
+    d=alternatives(DATASETS),
+    s=r"\d+",
+    t=alternatives(QUANT_TYPES),
+
+
+def conda_env(gpu=False):
+    """Conda environment file of a rule: the configured llama.cpp build for rules that
+    may run a model on a GPU (collect, evaluate), the CPU build for everything else."""
+    build = config["llama_cpp_build"] if gpu else "cpu"
+    return f"../../envs/{build}.yaml"
+
+
+def base_model(wildcards):
+    """The model that gets calibrated and quantized: the configured GGUF, or the F16 base
+    the workflow makes from a packaged source."""
+    model = config["models"][wildcards.m]
+    if "path" in model:
+        return model["path"]
+    return f"results/{wildcards.m}/base/{wildcards.m}-F16.gguf"
+
+
+def dataset_text(wildcards):
+    """Plain text of a dataset: text files as they are, JSONL/Parquet extracted first."""
+    ds = config["datasets"][wildcards.d]
+    if wh.dataset_format(ds["path"], ds["format"]) == "text":
+        return ds["path"]
+    return f"results/datasets/{wildcards.d}.txt"
+
+
+def dataset_settings(wildcards):
+    ds = config["datasets"][wildcards.d]
+    return {"format": ds["format"], "text_column": ds["text_column"]}
+
+
+def n_shards(m, d):
+    """Collect jobs of dataset d for model m. With chunks_per_shard this depends on the
+    token count, so it waits for the tokenize checkpoint of (m, d)."""
+    if COLLECT["chunks_per_shard"] is None:
+        return COLLECT["shards"]
+    meta = checkpoints.tokenize.get(m=m, d=d).output.meta
+    return wh.shard_count(
+        wh.dataset_chunks(meta, COLLECT["n_ctx"], config["datasets"][d]["chunks"]),
+        chunks_per_shard=COLLECT["chunks_per_shard"],
+    )
+
+
+def shard_files(wildcards):
+    """All partial imatrices of model m, dataset by dataset in config order."""
+    return [
+        f"results/{wildcards.m}/shards/{d}/{s}.gguf"
+        for d in DATASETS
+        for s in range(n_shards(wildcards.m, d))
+    ]
+
+
+def shard_datasets(wildcards):
+    """The dataset name of each file of shard_files, in the same order."""
+    return [d for d in DATASETS for _ in range(n_shards(wildcards.m, d))]
+
+
+def collect_settings():
+    """The collection settings a shard depends on (a change reruns the collection)."""
+    keys = ("n_ctx", "n_batch", "n_ubatch", "process_output", "ppl", "parse_special")
+    return {k: COLLECT[k] for k in keys}
+
+
+def quant_files(m):
+    out = [f"results/{m}/quant/{m}-{t}.gguf" for t in QUANT_TYPES]
+    if config["quantize"]["compare_without_imatrix"]:
+        out += [
+            f"results/{m}/quant/noimatrix/{m}-{t}.gguf" for t in QUANT_TYPES_NO_IMATRIX
+        ]
+    return out
+
+
+def imatrix_files(m):
+    formats = config["output_formats"]
+    out = [f"results/{m}/imatrix.gguf"]
+    if "dat" in formats:
+        out.append(f"results/{m}/imatrix.dat")
+    if "gguf-compat" in formats:
+        out.append(f"results/{m}/imatrix.compat.gguf")
+    return out
+
+
+def all_targets():
+    """Everything the config asks for, model by model (the default target)."""
+    out = []
+    for m in MODELS:
+        out += imatrix_files(m)
+        out += [
+            f"results/{m}/stats/tensors.parquet",
+            f"results/{m}/stats/layers.parquet",
+            f"results/{m}/stats/plots",
+            f"results/{m}/report/statistics.html",
+        ]
+        out += quant_files(m)
+        if EVALUATE["text"] is not None and QUANT_TYPES:
+            out += [
+                f"results/{m}/eval/summary.parquet",
+                f"results/{m}/report/evaluation.html",
+            ]
+    return out
+
+
+def gpu_count(ngl):
+    """Portable GPU request: one device for a job that offloads layers, none otherwise."""
+    return 1 if ngl > 0 else 0
+
+
+def model_memory(factor):
+    """mem_mb of a job that loads the model: `factor` copies of its inputs plus 1 GiB,
+    growing with each retry (so an out-of-memory kill is retried with more)."""
+    return (
+        lambda wildcards, input, attempt: wh.model_mem_mb(input.size_mb, factor)
+        * attempt
+    )
+
+
+def minutes(n):
+    """runtime of a job: n minutes, growing with each retry."""
+    return lambda wildcards, attempt: n * attempt

@@ -1,0 +1,50 @@
+# Per-tensor and per-layer statistics of the merged imatrix: Parquet tables and plots.
+
+
+localrules:
+    report_statistics,
+
+
+rule stats:
+    input:
+        imatrix="results/{m}/imatrix.gguf",
+    output:
+        tensors="results/{m}/stats/tensors.parquet",
+        layers="results/{m}/stats/layers.parquet",
+        plots=report(
+            directory("results/{m}/stats/plots"),
+            patterns=["{name}.png"],
+            caption="../report/plots.rst",
+            category="Statistics",
+            subcategory="{m}",
+            labels={"model": "{m}", "plot": "{name}"},
+        ),
+    log:
+        "logs/{m}/stats.log",
+    conda:
+        conda_env()
+    resources:
+        mem_mb=4096,
+        runtime=30,
+    script:
+        "../scripts/stats.py"
+
+
+rule report_statistics:
+    input:
+        tensors="results/{m}/stats/tensors.parquet",
+        layers="results/{m}/stats/layers.parquet",
+    output:
+        html=report(
+            "results/{m}/report/statistics.html",
+            caption="../report/statistics.rst",
+            category="Statistics",
+            subcategory="{m}",
+            labels={"model": "{m}", "table": "tensors and layers"},
+        ),
+    log:
+        "logs/{m}/report_statistics.log",
+    conda:
+        conda_env()
+    script:
+        "../scripts/report_statistics.py"

@@ -1,0 +1,20 @@
+"""Snakemake script of rule `stats` (workflow/rules/stats.smk): statistics tables and plots of the merged imatrix."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import _paths  # noqa: F401
+
+from imatrix.workflow_helpers import imatrix_statistics, job_logging
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake
+
+job_logging(snakemake.log[0])
+imatrix_statistics(
+    snakemake.input.imatrix,
+    snakemake.output.tensors,
+    snakemake.output.layers,
+    snakemake.output.plots,
+)
