@@ -197,7 +197,7 @@ def plot_expert_counts(
         log.info("no expert tensors: skipping the expert-count plot")
         return None
     grid, layers, kinds = ec
-    fig = Figure(figsize=(max(6.0, 1.5 + 0.3 * grid.shape[1]), max(3.0, 1.0 + 0.3 * len(layers))))
+    fig = Figure(figsize=(max(7.0, 2.0 + 0.35 * grid.shape[1]), max(3.5, 1.6 + 0.3 * len(layers))))
     ax = fig.add_subplot()
     shown = np.where(grid > 0, grid, np.nan)
     _heat(
@@ -206,19 +206,23 @@ def plot_expert_counts(
         shown,
         [str(x) for x in layers],
         list(range(grid.shape[1])),
-        log_scale=True,
+        log_scale=False,
         label="tokens routed to the expert",
         cmap="magma",
+        vmin=0.0,
         annotate=grid.size <= 256,
     )
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     dead_i, dead_j = np.nonzero(grid == 0)
     if dead_i.size:
-        ax.scatter(dead_j, dead_i, marker="x", color="red", s=40, label="never fired")
-        ax.legend(loc="upper right", fontsize=7)
+        ax.scatter(dead_j, dead_i, marker="x", color="red", s=60, label="never fired")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize=7)
     n_dead = int(dead_i.size)
-    ax.set_title(title or f"Tokens per expert ({kinds}); {n_dead} dead expert slot(s)")
+    ax.set_title(
+        title or f"Tokens per expert, {n_dead} never fired\n(least covered of: {kinds})",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
