@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
 from imatrix.errors import ImatrixError
 from imatrix.formats import atomic_output
@@ -28,21 +29,25 @@ from imatrix.stats import PLOTTABLE, lround_counts, split_name
 
 log = logging.getLogger(__name__)
 
-#: column -> (axis label, use a logarithmic colour scale)
-LABELS: dict[str, tuple[str, bool]] = {
-    "sum_sqact": ("Σ(Act²) (sum of mean squared activations)", True),
-    "sqact_mean": ("μ of mean squared activations", True),
-    "sqact_max": ("max mean squared activation", True),
-    "sqact_std": ("σ of mean squared activations", True),
-    "active_pct": ("% active channels", False),
-    "entropy": ("entropy H (bits)", False),
-    "entropy_norm_pct": ("normalized entropy H Norm (%)", False),
-    "zd_pct": ("ZD: % channels with z > 1", False),
-    "cossim": ("CosSim with previous layer (Σ Act²)", False),
-    "l2_dist": ("L₂ distance of mean activations to previous layer", False),
-    "cossim_act": ("CosSim of mean activations with previous layer", False),
-    "ecs": ("ECS (Euclidean-Cosine score)", False),
-    "act_zd_pct": ("ZD of mean activations (|z| > 1, %)", False),
+#: column -> (short colour-bar label, description for the title, logarithmic colour scale)
+LABELS: dict[str, tuple[str, str, bool]] = {
+    "sum_sqact": ("Σ(Act²)", "sum of the per-channel mean squared activations", True),
+    "sqact_mean": ("μ", "mean of the per-channel mean squared activations", True),
+    "sqact_max": ("max", "largest per-channel mean squared activation", True),
+    "sqact_std": ("σ", "std. deviation of the per-channel mean squared activations", True),
+    "active_pct": ("% active", "channels with mean Act² > 1e-5", False),
+    "entropy": ("H (bits)", "entropy of the importance distribution", False),
+    "entropy_norm_pct": ("H Norm (%)", "entropy normalized by log₂ N", False),
+    "zd_pct": ("ZD (%)", "channels with z-score > 1", False),
+    "cossim": ("CosSim", "cosine similarity of Σ Act² with the previous layer", False),
+    "l2_dist": ("L₂ Dist", "L₂ distance of mean activations to the previous layer", False),
+    "cossim_act": (
+        "CosSim",
+        "cosine similarity of mean activations with the previous layer",
+        False,
+    ),
+    "ecs": ("ECS", "Euclidean-Cosine score against the previous layer", False),
+    "act_zd_pct": ("ZD (%)", "mean activations with |z| > 1", False),
 }
 
 #: the heat maps ``imatrix stats --plot`` writes by default
@@ -98,14 +103,15 @@ def _heat(
         lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
         hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
         norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
-    colormap = mpl.colormaps[cmap].copy()
-    colormap.set_bad("#d0d0d0")
+    colormap = mpl.colormaps[cmap].with_extremes(bad="#d0d0d0")
     im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap=colormap, norm=norm)
     ax.set_yticks(range(len(rows)), labels=list(rows))
     step = max(1, len(cols) // 32)
     ax.set_xticks(range(0, len(cols), step), labels=[str(c) for c in cols[::step]])
     ax.set_xlabel("layer")
-    fig.colorbar(im, ax=ax, label=label)
+    cb = fig.colorbar(im, ax=ax, label=label, format="%.3g")
+    if isinstance(norm, LogNorm):
+        cb.ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
     if annotate is None:
         annotate = grid.size <= 400
     if annotate:
@@ -141,8 +147,8 @@ def plot_layer_heatmap(
     if statistic not in tensors.columns or statistic not in PLOTTABLE:
         raise ImatrixError(f"unknown statistic '{statistic}' (choose from {', '.join(PLOTTABLE)})")
     grid, rows, cols = _grid(tensors, statistic)
-    label, default_log = LABELS.get(statistic, (statistic, False))
-    fig = Figure(figsize=(max(6.0, 1.2 + 0.45 * len(cols)), max(3.0, 1.0 + 0.4 * len(rows))))
+    label, desc, default_log = LABELS.get(statistic, (statistic, statistic, False))
+    fig = Figure(figsize=(max(7.0, 2.0 + 0.45 * len(cols)), max(3.5, 1.4 + 0.4 * len(rows))))
     ax = fig.add_subplot()
     _heat(
         fig,
@@ -153,7 +159,7 @@ def plot_layer_heatmap(
         log_scale=default_log if log_scale is None else log_scale,
         label=label,
     )
-    ax.set_title(title or f"{label} per layer and tensor kind")
+    ax.set_title(title or f"{label} by layer and tensor kind\n({desc})", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
