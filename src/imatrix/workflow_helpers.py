@@ -263,7 +263,7 @@ def shard_range(
         first, last = shard * n_chunks // shards, (shard + 1) * n_chunks // shards
     if not 0 <= shard < total:
         raise ImatrixError(f"{dataset}: shard {shard} does not exist (there are {total})")
-    if first >= last:
+    if n_chunks < total or first >= last:
         raise ImatrixError(
             f"{dataset}: {n_chunks} chunk(s) cannot fill {total} shards "
             "(lower collect.shards, or give the dataset more text)"

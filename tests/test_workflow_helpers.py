@@ -1,0 +1,307 @@
+"""The library side of the workflow without Snakemake: sharding, datasets, config checks,
+GPU slots, merging and its provenance checks."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from imatrix import workflow_helpers as wh
+from imatrix.errors import ImatrixError
+from imatrix.formats import read_imatrix, write_imatrix
+from imatrix.model import Entry, ImatrixData, Provenance, combine
+
+# --- shards -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 64, 101])
+@pytest.mark.parametrize("shards", [1, 2, 3, 5])
+def test_shards_partition_the_chunks(n: int, shards: int) -> None:
+    if n < shards:
+        with pytest.raises(ImatrixError, match="cannot fill"):
+            for s in range(shards):
+                wh.shard_range(n, s, shards=shards)
+        return
+    ranges = [wh.shard_range(n, s, shards=shards) for s in range(shards)]
+    covered = [c for a, b in ranges for c in range(a, b)]
+    assert covered == list(range(n))
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize(("n", "cps"), [(1, 1), (10, 3), (12, 4), (5, 8)])
+def test_chunks_per_shard_partition(n: int, cps: int) -> None:
+    count = wh.shard_count(n, chunks_per_shard=cps)
+    ranges = [wh.shard_range(n, s, chunks_per_shard=cps) for s in range(count)]
+    assert [c for a, b in ranges for c in range(a, b)] == list(range(n))
+    assert all(b - a == cps for a, b in ranges[:-1])
+    with pytest.raises(ImatrixError, match="does not exist"):
+        wh.shard_range(n, count, chunks_per_shard=cps)
+
+
+def test_shard_errors_name_the_dataset() -> None:
+    with pytest.raises(ImatrixError, match=r"dataset 'x'.*2 chunk.*3 shards"):
+        wh.shard_range(2, 2, shards=3, dataset="dataset 'x'")
+    with pytest.raises(ImatrixError, match="at least 1"):
+        wh.shard_range(5, 0, shards=0)
+
+
+def test_dataset_chunks_counts_whole_chunks(tmp_path: Path) -> None:
+    p = tmp_path / "t.npy"
+    np.save(p, np.arange(1000, dtype=np.int32))
+    assert wh.dataset_chunks(p, 128) == 7  # llama-imatrix: tokens / n_ctx
+    assert wh.dataset_chunks(p, 128, 3) == 3
+    assert wh.dataset_chunks(p, 128, 50) == 7
+
+
+# --- datasets -----------------------------------------------------------------------
+
+
+def test_dataset_formats(tmp_path: Path) -> None:
+    txt = tmp_path / "a.txt"
+    txt.write_text("Hello\nworld\n", encoding="utf-8")
+    assert wh.load_dataset_text(txt) == "Hello\nworld\n"
+
+    jl = tmp_path / "b.jsonl"
+    jl.write_text(
+        json.dumps({"text": "first", "id": 1}) + "\n\n" + json.dumps({"text": "sécond"}) + "\n",
+        encoding="utf-8",
+    )
+    assert wh.load_dataset_text(jl) == "first\n\nsécond"
+
+    pqf = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"body": ["one", "two", "three"], "n": [1, 2, 3]}), pqf)
+    assert wh.load_dataset_text(pqf, text_column="body") == "one\n\ntwo\n\nthree"
+    # an explicit format wins over the extension
+    odd = tmp_path / "d.data"
+    odd.write_text(json.dumps({"text": "x"}) + "\n", encoding="utf-8")
+    assert wh.load_dataset_text(odd, "jsonl") == "x"
+    assert wh.load_dataset_text(odd) == odd.read_text(encoding="utf-8")
+
+    out = tmp_path / "out" / "x.txt"
+    out.parent.mkdir()
+    wh.write_dataset_text(pqf, out, text_column="body")
+    assert out.read_bytes() == b"one\n\ntwo\n\nthree"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "column", "message"),
+    [
+        (
+            "a.jsonl",
+            '{"text": "ok"}\n{"txt": "no"}\n',
+            "text",
+            r"a\.jsonl:2: record has no field 'text'",
+        ),
+        ("b.jsonl", '{"text": "ok"}\nnot json\n', "text", r"b\.jsonl:2: not a JSON object"),
+        ("c.jsonl", '{"text": 3}\n', "text", r"c\.jsonl:1: field 'text' is not a string"),
+        ("d.jsonl", "\n\n", "text", r"d\.jsonl: no records"),
+    ],
+)
+def test_dataset_errors(tmp_path: Path, name: str, content: str, column: str, message: str) -> None:
+    p = tmp_path / name
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(ImatrixError, match=message):
+        wh.load_dataset_text(p, text_column=column)
+
+
+def test_parquet_errors(tmp_path: Path) -> None:
+    p = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"n": [1, 2]}), p)
+    with pytest.raises(ImatrixError, match=r"no column 'text' \(columns: n\)"):
+        wh.load_dataset_text(p)
+    with pytest.raises(ImatrixError, match="column 'n' is int64, not text"):
+        wh.load_dataset_text(p, text_column="n")
+    bad = tmp_path / "y.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(ImatrixError, match="not a Parquet file"):
+        wh.load_dataset_text(bad)
+    latin = tmp_path / "z.txt"
+    latin.write_bytes(b"caf\xe9")
+    with pytest.raises(ImatrixError, match="not UTF-8"):
+        wh.load_dataset_text(latin)
+
+
+# --- config -------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path) -> dict:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "a.txt").write_text("x")
+    return {
+        "models": {
+            "m": {"path": str(tmp_path / "m.gguf")},
+            "demo": {"source": "gemma-3-270m-q4_k_m"},
+        },
+        "datasets": {"a": {"path": str(tmp_path / "a.txt")}},
+        "quantize": {"types": ["q4_k_m", "IQ3_XXS", "Q4_K_M"]},
+        "evaluate": {"text": None},
+    }
+
+
+def test_check_config(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    wh.check_config(cfg)
+    assert wh.canonical_quant_types(cfg["quantize"]["types"]) == ["Q4_K_M", "IQ3_XXS"]
+    assert wh.types_without_imatrix(["Q4_K_M", "IQ3_XXS", "Q2_K"]) == ["Q4_K_M", "Q2_K"]
+
+    cfg["quantize"]["types"].append("Q9_X")
+    with pytest.raises(ImatrixError, match=r"quantize\.types: unknown quantization type 'Q9_X'"):
+        wh.check_config(cfg)
+    cfg = _config(tmp_path)
+    cfg["datasets"]["a"]["path"] = str(tmp_path / "missing.txt")
+    with pytest.raises(ImatrixError, match=r"datasets\.a\.path: .*missing\.txt: no such file"):
+        wh.check_config(cfg)
+    cfg = _config(tmp_path)
+    cfg["models"]["m"]["path"] = str(tmp_path)
+    with pytest.raises(ImatrixError, match=r"models\.m\.path: .*not a regular file"):
+        wh.check_config(cfg)
+    cfg = _config(tmp_path)
+    cfg["evaluate"]["text"] = "nope.txt"
+    with pytest.raises(ImatrixError, match=r"evaluate\.text: nope\.txt: no such file"):
+        wh.check_config(cfg)
+
+
+# --- GPU slots ----------------------------------------------------------------------
+
+
+def _hold_slot(slot_dir: str, hold: float, queue) -> None:  # runs in a child process
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    with wh.claim_gpu(2, slot_dir=slot_dir, poll=0.02) as slot:
+        queue.put((time.monotonic(), slot, os.environ.get("CUDA_VISIBLE_DEVICES")))
+        time.sleep(hold)
+
+
+def test_gpu_slots_are_claimed_exclusively(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three jobs, two GPUs: the first two get devices 0 and 1, the third waits until one
+    of them is released and then gets that device."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_hold_slot, args=(str(tmp_path), 1.5, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    first = sorted([q.get(timeout=60), q.get(timeout=60)], key=lambda r: r[1])
+    assert [r[1] for r in first] == [0, 1]
+    assert [r[2] for r in first] == ["0", "1"]
+    late = ctx.Process(target=_hold_slot, args=(str(tmp_path), 0.0, q))
+    late.start()
+    t3, slot3, env3 = q.get(timeout=60)
+    assert t3 >= min(r[0] for r in first) + 1.4  # waited for a release
+    assert slot3 in (0, 1) and env3 == str(slot3)
+    for p in [*procs, late]:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+
+
+def test_gpu_slot_released_when_holder_is_killed(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_hold_slot, args=(str(tmp_path), 60.0, q))
+    p.start()
+    q.get(timeout=60)
+    p.kill()
+    p.join()
+    with wh.claim_gpu(1, slot_dir=tmp_path, timeout=5) as slot:
+        assert slot == 0
+
+
+def test_gpu_claim_respects_given_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with wh.claim_gpu(2, slot_dir=tmp_path) as slot:
+        assert slot is None and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert not list(tmp_path.iterdir())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with wh.claim_gpu(0, slot_dir=tmp_path) as slot:
+        assert slot is None and "CUDA_VISIBLE_DEVICES" not in os.environ
+    monkeypatch.setenv("IMATRIX_GPU_SLOTS", "2")
+    assert wh.gpu_slot_count() == 2
+    with wh.claim_gpu(slot_dir=tmp_path) as slot:
+        assert slot == 0 and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+# --- merge --------------------------------------------------------------------------
+
+
+def _shard(
+    rng: np.random.Generator, dataset: str, *, model: str = "m" * 64, text: str = "t" * 64
+) -> ImatrixData:
+    entries = {
+        "blk.0.ffn_down.weight": Entry(
+            rng.random(8) * 5, [float(rng.integers(1, 50))], rng.normal(size=8)
+        ),
+        "blk.0.ffn_up_exps.weight": Entry(
+            rng.random(12) * 3, rng.integers(0, 9, size=3).astype(float), rng.normal(size=12)
+        ),
+    }
+    return ImatrixData(
+        entries=entries,
+        datasets=[dataset],
+        chunk_size=64,
+        provenance=Provenance(model_sha256=model, dataset_sha256=[text], tokenizer='{"bos":1}'),
+    )
+
+
+def _write(tmp_path: Path, name: str, data: ImatrixData) -> str:
+    p = tmp_path / name
+    write_imatrix(data, p)
+    return str(p)
+
+
+def test_merge_equals_combine_and_lists_datasets_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    shards = [_shard(rng, "a", text="a" * 64) for _ in range(3)] + [
+        _shard(rng, "b", text="b" * 64) for _ in range(2)
+    ]
+    paths = [_write(tmp_path, f"s{i}.gguf", s) for i, s in enumerate(shards)]
+    names = ["a", "a", "a", "b", "b"]
+    out = tmp_path / "merged.gguf"
+    wh.merge_shards(paths, names, str(out), weights={"a": 1.0, "b": 2.0})
+    merged = read_imatrix(out)
+    assert merged.datasets == ["a", "b"]
+    assert merged.provenance.dataset_sha256 == ["a" * 64, "b" * 64]
+    assert merged.provenance.model_sha256 == "m" * 64
+    ref = combine([read_imatrix(p) for p in paths], weights=[1, 1, 1, 2, 2])
+    for name, e in ref.entries.items():
+        np.testing.assert_array_equal(merged.entries[name].counts, e.counts)
+        np.testing.assert_array_equal(merged.entries[name].values, e.values)
+    # the b shards count twice
+    c = [read_imatrix(p).entries["blk.0.ffn_down.weight"].counts[0] for p in paths]
+    assert merged.entries["blk.0.ffn_down.weight"].counts[0] == sum(c[:3]) + 2 * sum(c[3:])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "x" * 64}, "disagree on the model sha256"),
+        ({"text": "x" * 64}, "disagree on the text of dataset 'a'"),
+        ({"dataset": "b"}, r"holds dataset\(s\) \['b'\], expected \['a'\]"),
+    ],
+)
+def test_merge_refuses_mismatched_shards(tmp_path: Path, change: dict, message: str) -> None:
+    rng = np.random.default_rng(1)
+    good = [_shard(rng, "a", text="a" * 64) for _ in range(2)]
+    kw = {"text": "a" * 64, **{k: v for k, v in change.items() if k != "dataset"}}
+    bad = _shard(rng, change.get("dataset", "a"), **kw)
+    paths = [_write(tmp_path, f"s{i}.gguf", s) for i, s in enumerate([*good, bad])]
+    out = tmp_path / "merged.gguf"
+    with pytest.raises(ImatrixError, match=message):
+        wh.merge_shards(paths, ["a", "a", "a"], str(out))
+    assert not out.exists()
+
+
+def test_merge_refuses_files_without_provenance(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    s = _shard(rng, "a")
+    s.provenance = Provenance()
+    p = _write(tmp_path, "s.gguf", s)
+    with pytest.raises(ImatrixError, match="no provenance"):
+        wh.merge_shards([p], ["a"], str(tmp_path / "m.gguf"))
