@@ -27,6 +27,7 @@ _SUBCOMMANDS = (
     "stats",
     "check",
     "compare",
+    "quantize",
 )
 
 
