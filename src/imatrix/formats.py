@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -381,11 +382,14 @@ def load_means(path: str | Path) -> tuple[dict[str, np.ndarray], list[str], int]
 # writing
 
 
-def to_gguf_bytes(data: ImatrixData, *, compat: bool = False) -> bytes:
+def to_gguf_bytes(
+    data: ImatrixData, *, compat: bool = False, extra: Mapping[str, str] | None = None
+) -> bytes:
     """The bytes llama-imatrix's ``save_imatrix`` would write for this data.
 
     Without ``compat`` we add ``<name>.in_sum`` tensors (when every entry has them) and
-    our ``imatrix_pipeline.*`` provenance keys, which llama.cpp ignores.
+    our ``imatrix_pipeline.*`` provenance keys, which llama.cpp ignores; ``extra``
+    string keys (e.g. a collector checkpoint's state) are added after them.
     """
     w = GGUFWriter()
     w.add_string(KEY_GENERAL_TYPE, GENERAL_TYPE_IMATRIX)
@@ -404,6 +408,8 @@ def to_gguf_bytes(data: ImatrixData, *, compat: bool = False) -> bytes:
             w.add_string(KEY_TOKENIZER, prov.tokenizer)
         if prov.chunk_reached is not None:
             w.add_uint32(KEY_CHUNK_REACHED, prov.chunk_reached)
+        for key, value in (extra or {}).items():
+            w.add_string(key, value)
     _warn_partial(data)
     for name in sorted(data.entries, key=lambda s: s.encode("utf-8")):
         e = data.entries[name]

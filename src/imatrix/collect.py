@@ -1,0 +1,727 @@
+"""The collector: importance matrices through llama.cpp's eval callback, as llama-imatrix.
+
+How: llama.cpp's graph scheduler calls ``cb_eval(tensor, ask)`` for every node it is
+about to compute. We answer ``ask`` exactly as llama-imatrix's ``collect_imatrix``
+does (every ``MUL_MAT_ID``; a ``MUL_MAT`` when its F32 input has at least 16 rows and
+its weight is a ``blk.*`` tensor, or ``output.weight`` with ``process_output``), and
+when the node has been computed we read its input activations (``src[1]``, copied to
+host when it lives on a device) and the expert ids (``src[2]``) through
+:mod:`imatrix.ggml`, and add squares, plain sums and per-expert counts into float64
+accumulators with numpy.
+
+Chunking, BOS, sequences per batch, ``--chunk``/``--chunks`` and perplexity follow
+``compute_imatrix`` in tools/imatrix/imatrix.cpp; chunk counts in files follow
+llama.cpp (``max count // chunk size``).
+
+Speed: llama-imatrix asks for the logits of every token (fewer outputs would make
+llama.cpp drop rows before the last layer's FFN and change its statistics), so on a
+large vocabulary the output projection costs more than the rest of the model. When
+nothing needs logits (no perplexity, no ``output.weight``), we return ``false`` from
+the callback right after the last tensor the imatrix needs: the scheduler stops the
+current graph split there and the output projection is never computed. Which tensor
+is last is learned from the first decode (see :class:`Collector`), and stopping is
+only armed when that decode proves every needed tensor occurs once per graph, in
+the same order. Later splits (with ``-ngl`` offloading) still run; they compute
+only what comes after the last needed tensor, so the data are the same either way,
+and tests check both paths against llama-imatrix.
+
+Resume: every ``output_frequency`` chunks the data so far go to
+``<output>.checkpoint`` (our GGUF layout plus the chunk reached and, in one
+``imatrix_pipeline.checkpoint`` key, exact counts and the perplexity state). The
+float64 sums are rounded to the file's float32 at each checkpoint, in the running
+process too, so that a resumed run writes exactly the bytes an uninterrupted one
+would. The output is written once, atomically, at the end; then the checkpoint goes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imatrix import ggml
+from imatrix.constants import PROVENANCE_PREFIX
+from imatrix.errors import ImatrixError
+from imatrix.formats import (
+    FORMAT_DAT,
+    FORMAT_GGUF,
+    FORMATS,
+    atomic_write,
+    read_imatrix,
+    to_gguf_bytes,
+    write_imatrix,
+)
+from imatrix.gguf_io import read_gguf
+from imatrix.llama_api import Batch, Context, load_model
+from imatrix.model import Entry, ImatrixData, Provenance
+from imatrix.perplexity import Perplexity, token_nll
+
+log = logging.getLogger(__name__)
+
+KEY_CHECKPOINT_STATE = PROVENANCE_PREFIX + "checkpoint"
+CHECKPOINT_SUFFIX = ".checkpoint"
+
+#: llama-imatrix ignores MUL_MAT nodes whose input has fewer rows than this
+MIN_ROWS = 16
+
+
+# ---------------------------------------------------------------------------
+# accumulation
+
+
+@dataclass
+class _Acc:
+    """float64 accumulators of one weight (flat, llama-imatrix's ``Stats`` layout)."""
+
+    values: np.ndarray
+    sums: np.ndarray | None
+    counts: np.ndarray
+
+    @classmethod
+    def from_entry(cls, e: Entry) -> _Acc:
+        return cls(
+            e.values.astype(np.float64).copy(),
+            None if e.sums is None else e.sums.astype(np.float64).copy(),
+            e.counts.astype(np.float64).copy(),
+        )
+
+    def entry(self) -> Entry:
+        return Entry(
+            self.values.copy(), self.counts.copy(), None if self.sums is None else self.sums.copy()
+        )
+
+
+class Collector:
+    """The eval callback and its accumulators.
+
+    ``stop_after``: None (never stop a graph early), or a tensor name after whose
+    observation the callback returns false. :meth:`start_learning` /
+    :meth:`finish_learning` around one decode determine that name safely: the
+    decode's needed tensors must each have covered every token of the decode
+    exactly once (so each occurs once per graph), no MUL_MAT may have been skipped
+    for having fewer than 16 rows (a bigger graph could need more tensors), and the
+    last one observed is then the last one of every graph.
+    """
+
+    def __init__(
+        self,
+        *,
+        process_output: bool = False,
+        entries: dict[str, Entry] | None = None,
+        trace: bool = False,
+    ) -> None:
+        layout = ggml.check_layout()
+        self._op_mm = layout.op_mul_mat
+        self._op_mmid = layout.op_mul_mat_id
+        self.process_output = process_output
+        self.trace = trace
+        self.acc: dict[str, _Acc] = {n: _Acc.from_entry(e) for n, e in (entries or {}).items()}
+        self.stop_after: str | None = None
+        self.learning = False
+        self._seq: list[str] = []
+        self._rows: dict[str, int] = {}
+        self._small = False
+        self._scratch: dict[int, np.ndarray] = {}
+        self.chunk = 0  # for trace messages
+        self.n_observed = 0
+
+    # -- callback ---------------------------------------------------------------
+
+    def __call__(self, addr: int, ask: bool) -> bool:
+        t = ggml.tensor(addr)
+        if ask:
+            return self._ask(t)
+        name = self._observe(t)
+        return name != self.stop_after
+
+    def _ask(self, t: ggml.GGMLTensor) -> bool:
+        op = t.op
+        if op == self._op_mmid:
+            return True
+        if op != self._op_mm:
+            return False
+        src1 = ggml.tensor(t.src[1])
+        if src1.type != ggml.GGML_TYPE_F32:
+            return False
+        if src1.ne[1] < MIN_ROWS:
+            if self.learning and self._wanted(ggml.filter_name(ggml.tensor(t.src[0]).name)):
+                self._small = True
+            return False
+        return self._wanted(ggml.filter_name(ggml.tensor(t.src[0]).name))
+
+    def _wanted(self, name: str) -> bool:
+        return name.startswith("blk.") or (self.process_output and name == "output.weight")
+
+    def _observe(self, t: ggml.GGMLTensor) -> str:
+        src0 = ggml.tensor(t.src[0])
+        src1 = ggml.tensor(t.src[1])
+        name = ggml.filter_name(src0.name)
+        if src1.nb[0] != 4:
+            raise ImatrixError(f"tensor '{name}': activations are not contiguous float32 rows")
+        x = ggml.host_array(src1, np.dtype(np.float32), self._scratch)
+        if t.op == self._op_mmid:
+            rows = self._observe_moe(name, src0, src1, x, ggml.tensor(t.src[2]))
+        else:
+            rows = self._observe_dense(name, src0, src1, x)
+        self.n_observed += 1
+        if self.learning:
+            self._seq.append(name)
+            self._rows[name] = self._rows.get(name, 0) + rows
+        return name
+
+    def _observe_dense(self, name: str, src0, src1, x: np.ndarray) -> int:
+        ne0 = int(src1.ne[0])
+        ne02, ne03 = int(src0.ne[2]), int(src0.ne[3])
+        n_mat = ne02 * ne03
+        acc = self.acc.get(name)
+        if acc is None:
+            acc = _Acc(np.zeros(ne0 * n_mat), np.zeros(ne0 * n_mat), np.zeros(1))
+            self.acc[name] = acc
+        else:
+            # one count per dense tensor (older 3-d files store equal counts per matrix)
+            if acc.counts.size > 1 and np.all(acc.counts == acc.counts[0]):
+                acc.counts = acc.counts[:1].copy()
+            if acc.values.size != ne0 * n_mat:
+                raise ImatrixError(
+                    f"inconsistent size for '{name}': {acc.values.size} values, "
+                    f"the model gives {ne0 * n_mat}"
+                )
+        if self.trace:
+            log.info(
+                "collect_imatrix[%d]: %32s, MUL_MAT, %5d x %5d x %5d",
+                self.chunk,
+                name,
+                ne0,
+                int(src1.ne[1]),
+                int(src1.ne[2]),
+            )
+        vals = acc.values.reshape(n_mat, ne0)
+        sums = None if acc.sums is None else acc.sums.reshape(n_mat, ne0)
+        ne12, ne13 = x.shape[1], x.shape[0]
+        for i3 in range(ne13):
+            for i2 in range(ne12):
+                mat = (i3 % ne03) * ne02 + (i2 % ne02)
+                x64 = x[i3, i2].astype(np.float64)
+                sq = np.einsum("ij,ij->j", x64, x64)
+                if not np.all(np.isfinite(sq)):
+                    raise ImatrixError(
+                        f"non-finite activations (NaN or Inf) in the input of '{name}'"
+                    )
+                vals[mat] += sq
+                if sums is not None:
+                    sums[mat] += np.add.reduce(x64, axis=0)
+        nrows = int(src1.ne[1] * src1.ne[2] * src1.ne[3])
+        inc = nrows // n_mat
+        acc.counts += inc
+        return inc
+
+    def _observe_moe(self, name: str, src0, src1, x: np.ndarray, ids_t) -> int:
+        ne0 = int(src1.ne[0])
+        ne11 = int(src1.ne[1])
+        n_tokens = int(src1.ne[2])
+        n_as = int(src0.ne[2])
+        n_ids = int(ids_t.ne[0])
+        if int(ids_t.ne[1]) != n_tokens:
+            raise ImatrixError(f"tensor '{name}': expert ids do not match the tokens")
+        if int(src1.ne[3]) != 1:
+            raise ImatrixError(f"tensor has more than 3 dimensions: {name}")
+        acc = self.acc.get(name)
+        if acc is not None and acc.counts.size == 1 and n_as > 1:
+            acc.counts = np.full(n_as, acc.counts[0])  # broadcast an old single count
+        if acc is None:
+            acc = _Acc(np.zeros(ne0 * n_as), np.zeros(ne0 * n_as), np.zeros(n_as))
+            self.acc[name] = acc
+        elif acc.values.size != ne0 * n_as:
+            raise ImatrixError(
+                f"inconsistent size for '{name}': {acc.values.size} values, the model gives {ne0 * n_as}"
+            )
+        elif acc.counts.size != n_as:
+            raise ImatrixError(
+                f"inconsistent expert count for '{name}': {acc.counts.size}, the model has {n_as}"
+            )
+        if self.trace:
+            log.info(
+                "collect_imatrix[%d]: %32s, MUL_MAT_ID, %5d x %5d", self.chunk, name, ne0, n_tokens
+            )
+        ids = ggml.host_array(ids_t, np.dtype(np.int32), self._scratch)[0, 0]  # [n_tokens, n_ids]
+        flat = np.ascontiguousarray(ids).reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= n_as):
+            raise ImatrixError(f"tensor '{name}': expert id out of range 0..{n_as - 1}")
+        # row of src1 for (token, slot): broadcast inputs (ne11 == 1) reuse the token's row
+        src_rows = (
+            np.arange(n_tokens)[:, None] * ne11 + (np.arange(n_ids) % ne11)[None, :]
+        ).reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        experts_sorted = flat[order]
+        starts = np.flatnonzero(np.r_[True, experts_sorted[1:] != experts_sorted[:-1]])
+        touched = experts_sorted[starts]
+        rows = x[0].reshape(n_tokens * ne11, ne0)[src_rows[order]].astype(np.float64)
+        vals = acc.values.reshape(n_as, ne0)
+        part = np.add.reduceat(rows * rows, starts, axis=0)
+        if not np.all(np.isfinite(part)):
+            raise ImatrixError(f"non-finite activations (NaN or Inf) in the input of '{name}'")
+        vals[touched] += part
+        if acc.sums is not None:
+            acc.sums.reshape(n_as, ne0)[touched] += np.add.reduceat(rows, starts, axis=0)
+        acc.counts += np.bincount(flat, minlength=n_as)
+        return n_tokens
+
+    # -- early stop -------------------------------------------------------------------
+
+    def start_learning(self) -> None:
+        self.learning = True
+        self._seq = []
+        self._rows = {}
+        self._small = False
+
+    def finish_learning(self, n_tokens: int) -> None:
+        self.learning = False
+        if not self._seq or self._small:
+            return
+        if any(r != n_tokens for r in self._rows.values()):
+            log.debug("not stopping graphs early: tensors observed unevenly %s", self._rows)
+            return
+        self.stop_after = self._seq[-1]
+        log.debug("graphs stop after '%s' (nothing needs the rest)", self.stop_after)
+
+    # -- results ----------------------------------------------------------------------
+
+    def entries(self) -> dict[str, Entry]:
+        return {n: a.entry() for n, a in sorted(self.acc.items())}
+
+    def round_to_float32(self) -> None:
+        """Round the sums to the float32 a file stores (see the module docstring)."""
+        for a in self.acc.values():
+            a.values = a.values.astype(np.float32).astype(np.float64)
+            if a.sums is not None:
+                a.sums = a.sums.astype(np.float32).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------
+# public API
+
+
+@dataclass
+class CollectResult:
+    """What :func:`collect` returns."""
+
+    data: ImatrixData
+    perplexity: Perplexity | None
+    #: absolute chunk range processed, [first, last)
+    first_chunk: int
+    last_chunk: int
+    n_tokens: int
+    seconds: float
+    #: True when graphs were cut after the last needed tensor
+    stopped_early: bool
+    resumed_from: int | None = None
+    outputs: list[Path] = field(default_factory=list)
+
+
+def checkpoint_path(output: str | Path) -> Path:
+    return Path(str(output) + CHECKPOINT_SUFFIX)
+
+
+def plan_batches(n_ctx: int, n_batch: int) -> tuple[int, int, int]:
+    """``(n_seq, n_kv, n_batch)`` as llama-imatrix derives them from ``-c`` and ``-b``."""
+    if n_ctx <= 0:
+        raise ImatrixError(f"n_ctx must be positive, got {n_ctx}")
+    if n_batch <= 0:
+        raise ImatrixError(f"n_batch must be positive, got {n_batch}")
+    n_seq = max(1, n_batch // n_ctx)
+    n_kv = n_seq * n_ctx
+    return n_seq, n_kv, min(n_batch, n_kv)
+
+
+def _resolve_tokens(
+    tokens: str | Path | np.ndarray, dataset: str | None
+) -> tuple[np.ndarray, str | None, dict | None]:
+    if isinstance(tokens, np.ndarray):
+        arr = np.ascontiguousarray(tokens, dtype=np.int32)
+        if arr.ndim != 1:
+            raise ImatrixError(f"tokens must be a 1-D array, got shape {arr.shape}")
+        return arr, dataset, None
+    from imatrix.tokenize import load_tokens
+
+    arr, meta = load_tokens(tokens)
+    if dataset is None:
+        dataset = str(meta["text"]) if meta and meta.get("text") else str(tokens)
+    return arr, dataset, meta
+
+
+def _signature(
+    *,
+    model_sha: str | None,
+    tokens: np.ndarray,
+    n_ctx: int,
+    first: int,
+    last: int,
+    dataset: str | None,
+    process_output: bool,
+    base_datasets: list[str],
+) -> dict:
+    return {
+        "model_sha256": model_sha,
+        "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+        "n_ctx": n_ctx,
+        "first_chunk": first,
+        "last_chunk": last,
+        "dataset": dataset,
+        "process_output": process_output,
+        "base_datasets": base_datasets,
+    }
+
+
+def _load_checkpoint(path: Path, signature: dict) -> tuple[ImatrixData, int, dict]:
+    data = read_imatrix(path)
+    g = read_gguf(path, load_data=False)
+    raw = g.get(KEY_CHECKPOINT_STATE)
+    if raw is None or data.provenance.chunk_reached is None:
+        raise ImatrixError(f"{path}: not a collector checkpoint (no '{KEY_CHECKPOINT_STATE}' key)")
+    try:
+        state = json.loads(raw)
+    except ValueError as exc:
+        raise ImatrixError(f"{path}: corrupt checkpoint state ({exc})") from exc
+    theirs = state.get("signature", {})
+    diff = sorted(k for k in signature if theirs.get(k) != signature[k])
+    if diff:
+        raise ImatrixError(
+            f"{path}: checkpoint was made with different settings ({', '.join(diff)}); "
+            "delete it or run without --resume"
+        )
+    reached = int(data.provenance.chunk_reached)
+    if not signature["first_chunk"] <= reached <= signature["last_chunk"]:
+        raise ImatrixError(
+            f"{path}: checkpoint chunk {reached} is outside the range being collected"
+        )
+    for name, counts in state.get("counts", {}).items():
+        if name in data.entries:
+            data.entries[name].counts = np.asarray(counts, dtype=np.float64)
+    return data, reached, state
+
+
+def collect(
+    model: str | Path,
+    tokens: str | Path | np.ndarray,
+    output: str | Path | None = None,
+    *,
+    first_chunk: int = 0,
+    last_chunk: int | None = None,
+    n_ctx: int = 512,
+    n_batch: int = 2048,
+    n_ubatch: int = 512,
+    threads: int | None = None,
+    n_gpu_layers: int = -1,
+    process_output: bool = False,
+    compute_ppl: bool = True,
+    output_frequency: int = 10,
+    save_frequency: int = 0,
+    output_format: str = FORMAT_GGUF,
+    compat: bool = False,
+    dataset: str | None = None,
+    provenance: Provenance | None = None,
+    in_data: ImatrixData | None = None,
+    resume: bool = False,
+    stop_early: bool | None = None,
+    progress: bool | None = None,
+    verbosity: int = 1,
+    on_chunk: Callable[[int, float | None], None] | None = None,
+) -> CollectResult:
+    """Collect an importance matrix over chunks ``[first_chunk, last_chunk)`` of ``tokens``.
+
+    ``tokens``: the whole dataset's tokens (a ``.npy`` from
+    :func:`imatrix.tokenize.tokenize_file`, or an int32 array); chunk ``k`` is
+    ``tokens[k*n_ctx:(k+1)*n_ctx]``, BOS replaces its first token when the model adds
+    BOS. ``last_chunk`` None means every whole chunk. ``dataset`` is recorded in
+    ``imatrix.datasets`` (default: the text path recorded beside a tokens file, else
+    that file's path; nothing for an array). ``in_data``: loaded imatrix data to
+    continue from (``--in-file`` with ``-f``). ``provenance``: model/dataset sha256 and
+    tokenizer settings to record.
+
+    Writes ``output`` (atomically, once, at the end) in ``output_format`` (``compat``:
+    llama-imatrix's GGUF layout only), ``<output>.checkpoint`` every
+    ``output_frequency`` chunks (0: never), ``<output>.at_<n>`` snapshots every
+    ``save_frequency`` chunks (llama-imatrix's ``--save-frequency``); ``resume``
+    continues from an existing checkpoint made with the same settings. ``stop_early``:
+    None lets the collector cut graphs after the last needed tensor whenever nothing
+    needs logits; False never does (True is the same as None: it is never done when
+    logits are needed). ``on_chunk(k, running_ppl)`` is called after each chunk.
+    """
+    t0 = time.perf_counter()
+    if output_format not in FORMATS:
+        raise ImatrixError(f"unknown output format '{output_format}' (use gguf or dat)")
+    toks, dataset, tok_meta = _resolve_tokens(tokens, dataset)
+    n_seq, n_kv, n_batch_eff = plan_batches(n_ctx, n_batch)
+    n_chunk_max = toks.size // n_ctx
+    last = n_chunk_max if last_chunk is None else int(last_chunk)
+    first = int(first_chunk)
+    if not 0 <= first < last <= n_chunk_max:
+        raise ImatrixError(
+            f"chunk range [{first}, {last}) is not within the {n_chunk_max} chunks of {n_ctx} "
+            f"tokens in the data ({toks.size} tokens)"
+        )
+    prov = provenance or Provenance()
+    if tok_meta and not prov.model_sha256:
+        prov = Provenance(
+            model_sha256=tok_meta.get("model_sha256"),
+            dataset_sha256=[tok_meta["text_sha256"]] if tok_meta.get("text_sha256") else [],
+            tokenizer=json.dumps(tok_meta.get("tokenizer"), sort_keys=True, separators=(",", ":"))
+            if tok_meta.get("tokenizer")
+            else None,
+        )
+    base = in_data
+    base_datasets = list(base.datasets) if base is not None else []
+    sig = _signature(
+        model_sha=prov.model_sha256,
+        tokens=toks,
+        n_ctx=n_ctx,
+        first=first,
+        last=last,
+        dataset=dataset,
+        process_output=process_output,
+        base_datasets=base_datasets,
+    )
+    ckpt = checkpoint_path(output) if output is not None else None
+    start = first
+    ppl = Perplexity() if compute_ppl else None
+    entries: dict[str, Entry] = {n: e.copy() for n, e in base.entries.items()} if base else {}
+    resumed_from = None
+    if resume and ckpt is not None and ckpt.is_file():
+        cdata, start, state = _load_checkpoint(ckpt, sig)
+        entries = cdata.entries
+        resumed_from = start
+        if compute_ppl and state.get("ppl") is not None:
+            ppl = Perplexity.from_state(state["ppl"])
+        elif compute_ppl:
+            log.warning(
+                "%s has no perplexity state; perplexity covers only the chunks from %d", ckpt, start
+            )
+        log.info("resuming from %s at chunk %d", ckpt, start)
+    elif ckpt is not None and ckpt.is_file():
+        log.warning("ignoring existing checkpoint %s (no --resume); it will be replaced", ckpt)
+
+    def make_data(coll: Collector, reached: int | None) -> ImatrixData:
+        data = ImatrixData(
+            entries=coll.entries(),
+            datasets=base_datasets + ([dataset] if dataset else []),
+            chunk_size=n_ctx,
+            provenance=Provenance(
+                model_sha256=prov.model_sha256,
+                dataset_sha256=list(base.provenance.dataset_sha256 if base else [])
+                + list(prov.dataset_sha256),
+                tokenizer=prov.tokenizer,
+                version=prov.version,
+                chunk_reached=reached,
+            ),
+        )
+        data.chunk_count = data.derived_chunk_count()
+        return data
+
+    collector = Collector(process_output=process_output, entries=entries, trace=verbosity >= 2)
+    may_stop = stop_early is not False and not compute_ppl and not process_output
+    outputs: list[Path] = []
+    n_done_tokens = 0
+    with load_model(model, n_gpu_layers=n_gpu_layers) as m:
+        if m.add_eos:
+            raise ImatrixError(
+                f"{model}: the model adds EOS tokens; llama-imatrix refuses such models"
+            )
+        add_bos, bos = m.add_bos, m.bos
+        with Context(
+            m,
+            n_ctx=n_kv,
+            n_batch=n_batch_eff,
+            n_ubatch=n_ubatch,
+            n_seq_max=n_seq,
+            n_threads=threads,
+            cb_eval=collector,
+        ) as ctx:
+            if n_kv > m.n_ctx_train:
+                log.warning(
+                    "model was trained on only %d context tokens (%d specified)",
+                    m.n_ctx_train,
+                    n_kv,
+                )
+            batch = Batch(n_batch_eff)
+            num_batches = (n_ctx + n_batch_eff - 1) // n_batch_eff
+            first_score = n_ctx // 2
+            total = last - start
+            log.info(
+                "computing over %d chunks (%d to %d), n_ctx=%d, batch_size=%d, n_seq=%d",
+                total,
+                start,
+                last,
+                n_ctx,
+                n_batch_eff,
+                n_seq,
+            )
+            bar = _progress(total * n_ctx, progress)
+            learn_attempts = 0
+            try:
+                for g0 in range(start, last, n_seq):
+                    n_seq_batch = min(n_seq, last - g0)
+                    tg = time.perf_counter()
+                    cc_prev = _chunk_count(collector, n_ctx)
+                    ctx.clear()
+                    collector.chunk = g0 - first
+                    chunk_nll: list[list[np.ndarray]] = [[] for _ in range(n_seq_batch)]
+                    for j in range(num_batches):
+                        b0 = j * n_batch_eff
+                        bs = min(n_ctx - b0, n_batch_eff)
+                        seq_tok = np.stack(
+                            [
+                                toks[(g0 + s) * n_ctx + b0 : (g0 + s) * n_ctx + b0 + bs]
+                                for s in range(n_seq_batch)
+                            ]
+                        )
+                        if add_bos and j == 0:
+                            seq_tok[:, 0] = bos
+                        pos = np.tile(np.arange(b0, b0 + bs, dtype=np.int32), n_seq_batch)
+                        seq_ids = np.repeat(np.arange(n_seq_batch, dtype=np.int32), bs)
+                        batch.set(seq_tok.reshape(-1), pos, seq_ids, True)
+                        learning = may_stop and collector.stop_after is None and learn_attempts < 3
+                        if learning:
+                            collector.start_learning()
+                            learn_attempts += 1
+                        ctx.decode(batch)
+                        if learning:
+                            collector.finish_learning(batch.n_tokens)
+                        if ppl is not None:
+                            lo, hi = max(first_score, b0), min(n_ctx - 1, b0 + bs)
+                            if hi > lo:
+                                lg = ctx.logits(batch.n_tokens)
+                                for s in range(n_seq_batch):
+                                    rows = lg[s * bs + lo - b0 : s * bs + hi - b0]
+                                    c0 = (g0 + s) * n_ctx
+                                    chunk_nll[s].append(
+                                        token_nll(rows, toks[c0 + lo + 1 : c0 + hi + 1])
+                                    )
+                    if g0 == start:
+                        dt = time.perf_counter() - tg
+                        eta = dt * math.ceil(total / n_seq)
+                        log.info("%.2f seconds per pass - ETA %s", dt, _fmt_eta(eta))
+                    for s in range(n_seq_batch):
+                        running = None
+                        if ppl is not None:
+                            running = ppl.add_chunk(np.concatenate(chunk_nll[s]))
+                        if on_chunk is not None:
+                            on_chunk(g0 + s, running)
+                    n_done_tokens += n_seq_batch * n_ctx
+                    if bar is not None:
+                        bar.update(n_seq_batch * n_ctx)
+                    reached = g0 + n_seq_batch
+                    done_prev, done_now = g0 - first, reached - first
+                    if output is not None and reached < last:
+                        if (
+                            output_frequency > 0
+                            and done_now // output_frequency > done_prev // output_frequency
+                        ):
+                            _write_checkpoint(
+                                ckpt, make_data(collector, reached), sig, collector, ppl, verbosity
+                            )
+                            collector.round_to_float32()
+                        if save_frequency > 0:
+                            cc_now = _chunk_count(collector, n_ctx)
+                            if cc_now // save_frequency > cc_prev // save_frequency:
+                                snap = Path(f"{output}.at_{cc_now}")
+                                write_imatrix(
+                                    make_data(collector, None),
+                                    snap,
+                                    output_format=output_format,
+                                    compat=compat,
+                                )
+                                outputs.append(snap)
+            finally:
+                if bar is not None:
+                    bar.close()
+    data = make_data(collector, None)
+    if output is not None:
+        write_imatrix(data, output, output_format=output_format, compat=compat)
+        outputs.append(Path(output))
+        if verbosity >= 1:
+            log.info("stored collected data after %d chunks in %s", data.chunk_count, output)
+        if ckpt is not None and ckpt.exists():
+            ckpt.unlink()
+    if ppl is not None and ppl.ppl is not None:
+        err = ppl.error
+        log.info(
+            "final estimate: PPL = %.4f +/- %s", ppl.ppl, "n/a" if err is None else f"{err:.5f}"
+        )
+    return CollectResult(
+        data=data,
+        perplexity=ppl,
+        first_chunk=first,
+        last_chunk=last,
+        n_tokens=n_done_tokens,
+        seconds=time.perf_counter() - t0,
+        stopped_early=collector.stop_after is not None,
+        resumed_from=resumed_from,
+        outputs=outputs,
+    )
+
+
+def _chunk_count(coll: Collector, n_ctx: int) -> int:
+    """llama-imatrix's ``m_last_chunk``: the largest count in whole chunks."""
+    mx = max((float(a.counts.max()) for a in coll.acc.values() if a.counts.size), default=0.0)
+    return int(mx) // n_ctx
+
+
+def _write_checkpoint(
+    path: Path,
+    data: ImatrixData,
+    sig: dict,
+    coll: Collector,
+    ppl: Perplexity | None,
+    verbosity: int,
+) -> None:
+    state = {
+        "signature": sig,
+        "counts": {n: [int(c) for c in a.counts] for n, a in coll.acc.items()},
+        "ppl": None if ppl is None else ppl.state(),
+    }
+    payload = to_gguf_bytes(
+        data, extra={KEY_CHECKPOINT_STATE: json.dumps(state, separators=(",", ":"))}
+    )
+    atomic_write(path, payload)
+    (log.info if verbosity >= 1 else log.debug)(
+        "checkpoint: %d chunks in %s", data.provenance.chunk_reached or 0, path
+    )
+
+
+def _fmt_eta(seconds: float) -> str:
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    return (f"{h} hours " if h else "") + f"{rem / 60:.2f} minutes"
+
+
+def _progress(total: int, enabled: bool | None):
+    if enabled is False:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        disable=None if enabled is None else False,
+        desc="collect",
+        leave=False,
+    )
+
+
+__all__ = [
+    "FORMAT_DAT",
+    "FORMAT_GGUF",
+    "CollectResult",
+    "Collector",
+    "checkpoint_path",
+    "collect",
+    "plan_batches",
+]

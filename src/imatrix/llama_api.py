@@ -1,0 +1,511 @@
+"""A thin, general layer over llama-cpp-python's low-level C API.
+
+Why not ``llama_cpp.Llama``: it hides the parameters that decide whether our results
+equal llama.cpp's own tools (``n_seq_max``, ``n_ubatch``, the eval callback, which
+tokens produce logits, the threadpool) and prints llama.cpp's log output raw on
+stderr. This module gives the collector and the evaluation code exactly the calls
+llama.cpp's ``common`` library makes, and nothing more:
+
+- :func:`init_backend` — ``llama_backend_init`` once, and llama.cpp's log output
+  bridged into Python :mod:`logging` (logger ``imatrix.llama``; llama.cpp's INFO and
+  DEBUG messages at DEBUG, its warnings and errors at WARNING and ERROR), so that
+  nothing is printed raw.
+- :class:`Model` / :func:`load_model` — a model (optionally ``vocab_only``, with
+  ``n_gpu_layers``), with its vocabulary facts (BOS, add_bos, n_vocab, ...).
+- :class:`Context` — a context made like ``common_init_from_params`` makes it
+  (``llama_context_default_params`` plus n_ctx, n_batch, n_ubatch, n_seq_max,
+  threads, an optional eval callback, and a persistent CPU threadpool attached as
+  llama.cpp's tools do), with :meth:`Context.decode` on a :class:`Batch` and numpy
+  views of the logits.
+- :func:`tokenize` — ``common_tokenize`` (add_special, parse_special).
+
+Every failure a user can cause (missing file, model that does not load, context that
+cannot be made, decode error) raises :class:`~imatrix.errors.ImatrixError`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imatrix.errors import ImatrixError
+
+log = logging.getLogger(__name__)
+llama_log = logging.getLogger("imatrix.llama")
+
+#: ggml_log_level -> logging level (llama.cpp's INFO is chatty: model dumps, buffers)
+_LEVELS = {
+    0: logging.INFO,  # NONE: raw output
+    1: logging.DEBUG,  # DEBUG
+    2: logging.DEBUG,  # INFO
+    3: logging.WARNING,  # WARN
+    4: logging.ERROR,  # ERROR
+}
+_LOG_CONT = 5
+
+#: ``bool (*)(struct ggml_tensor * t, bool ask, void * user_data)``
+EvalCallback = Callable[[int, bool], bool]
+
+
+def _llama():
+    import llama_cpp  # imported lazily: importing it loads the shared libraries
+
+    return llama_cpp
+
+
+# ---------------------------------------------------------------------------
+# logging bridge
+
+
+class _LogBridge:
+    """Reassembles llama.cpp's log fragments into lines and hands them to ``logging``.
+
+    llama.cpp sends pieces (``CONT`` continues the previous message; progress dots
+    have no newline), possibly from several threads.
+    """
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._level = logging.DEBUG
+        self._lock = threading.Lock()
+
+    def __call__(self, level: int, text: bytes | None, _user: int | None) -> None:
+        try:
+            s = (text or b"").decode("utf-8", errors="replace")
+            with self._lock:
+                if level != _LOG_CONT:
+                    if self._buf:
+                        self._emit(self._buf)
+                        self._buf = ""
+                    self._level = _LEVELS.get(level, logging.DEBUG)
+                self._buf += s
+                while "\n" in self._buf:
+                    line, self._buf = self._buf.split("\n", 1)
+                    self._emit(line)
+        except Exception:  # a logging failure must never unwind into C
+            pass
+
+    def _emit(self, line: str) -> None:
+        line = line.rstrip()
+        if line and llama_log.isEnabledFor(self._level):
+            llama_log.log(self._level, "%s", line)
+
+
+_bridge = _LogBridge()
+_bridge_c = None  # the ctypes callback object; must stay referenced
+_init_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def init_backend() -> None:
+    """Initialise llama.cpp once per process and route its logs into ``logging``."""
+    global _bridge_c
+    with _init_lock:
+        lc = _llama()
+        _bridge_c = lc.llama_log_callback(_bridge)
+        lc.llama_log_set(_bridge_c, ctypes.c_void_p(0))
+        lc.llama_backend_init()
+
+
+def default_threads() -> int:
+    """Physical cores, as llama.cpp's ``common_cpu_get_num_math`` counts them on Linux
+    (distinct ``thread_siblings`` sets), else the number of usable CPUs."""
+    sib = set()
+    cpu = 0
+    while True:
+        p = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings")
+        try:
+            sib.add(p.read_text().strip())
+        except OSError:
+            break
+        cpu += 1
+    if sib:
+        return len(sib)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class Model:
+    """A loaded llama.cpp model (or only its vocabulary)."""
+
+    path: Path
+    ptr: int
+    vocab_only: bool
+    n_gpu_layers: int
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def vocab(self) -> int:
+        return _llama().llama_model_get_vocab(self.ptr)
+
+    @property
+    def n_vocab(self) -> int:
+        return int(_llama().llama_vocab_n_tokens(self.vocab))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(_llama().llama_vocab_get_add_bos(self.vocab))
+
+    @property
+    def add_eos(self) -> bool:
+        return bool(_llama().llama_vocab_get_add_eos(self.vocab))
+
+    @property
+    def bos(self) -> int:
+        return int(_llama().llama_vocab_bos(self.vocab))
+
+    @property
+    def eos(self) -> int:
+        return int(_llama().llama_vocab_eos(self.vocab))
+
+    @property
+    def vocab_type(self) -> int:
+        return int(_llama().llama_vocab_type(self.vocab))
+
+    @property
+    def n_layer(self) -> int:
+        return int(_llama().llama_model_n_layer(self.ptr))
+
+    @property
+    def n_embd(self) -> int:
+        return int(_llama().llama_model_n_embd(self.ptr))
+
+    @property
+    def n_ctx_train(self) -> int:
+        return int(_llama().llama_model_n_ctx_train(self.ptr))
+
+    def meta(self, key: str) -> str | None:
+        """A metadata value of the model as text (``llama_model_meta_val_str``)."""
+        lc = _llama()
+        buf = ctypes.create_string_buffer(4096)
+        n = lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if not self._closed and self.ptr:
+            _llama().llama_model_free(self.ptr)
+            self._closed = True
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_model(path: str | Path, *, n_gpu_layers: int = -1, vocab_only: bool = False) -> Model:
+    """Load a GGUF model; ``vocab_only`` loads only the tokenizer (fast, no weights).
+
+    ``n_gpu_layers``: layers to offload (negative: all), as ``-ngl``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ImatrixError(f"{p}: no such model file")
+    init_backend()
+    lc = _llama()
+    mp = lc.llama_model_default_params()
+    mp.n_gpu_layers = int(n_gpu_layers)
+    mp.vocab_only = bool(vocab_only)
+    ptr = lc.llama_model_load_from_file(str(p).encode(), mp)
+    if not ptr:
+        raise ImatrixError(f"{p}: llama.cpp failed to load the model (run with -v for its log)")
+    return Model(path=p, ptr=ptr, vocab_only=vocab_only, n_gpu_layers=int(n_gpu_layers))
+
+
+# ---------------------------------------------------------------------------
+# tokenization
+
+
+def tokenize(
+    model: Model, text: bytes | str, *, add_special: bool, parse_special: bool
+) -> np.ndarray:
+    """Token ids (int32) of ``text``, exactly as ``common_tokenize`` returns them."""
+    lc = _llama()
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    if len(data) > 2**31 - 3:
+        raise ImatrixError(f"text of {len(data)} bytes is too large to tokenize in one piece")
+    n_max = len(data) + 2 * int(add_special)
+    out = np.zeros(max(n_max, 1), dtype=np.int32)
+    ptr = out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+    n = lc.llama_tokenize(model.vocab, data, len(data), ptr, n_max, add_special, parse_special)
+    if n == -(2**31):
+        raise ImatrixError("tokenization failed: the result exceeds int32 limits")
+    if n < 0:
+        out = np.zeros(-n, dtype=np.int32)
+        ptr = out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        m = lc.llama_tokenize(model.vocab, data, len(data), ptr, -n, add_special, parse_special)
+        if m != -n:
+            raise ImatrixError(f"tokenization is not stable ({m} != {-n} tokens)")
+        return out
+    return out[:n].copy()
+
+
+# ---------------------------------------------------------------------------
+# batches
+
+
+class Batch:
+    """A token batch backed by numpy arrays (one sequence id per token).
+
+    Filled with :meth:`set` in one vectorized step instead of a Python loop per token.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError("batch capacity must be positive")
+        self.capacity = int(capacity)
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        item = self.seq.itemsize
+        self._seq_ptrs = (ctypes.POINTER(ctypes.c_int32) * capacity)(
+            *[
+                ctypes.cast(self.seq.ctypes.data + i * item, ctypes.POINTER(ctypes.c_int32))
+                for i in range(capacity)
+            ]
+        )
+        self.n_tokens = 0
+
+    def set(
+        self,
+        tokens: np.ndarray,
+        pos: np.ndarray,
+        seq_id: np.ndarray | int = 0,
+        logits: np.ndarray | bool = True,
+    ) -> None:
+        """Fill the batch: token ids, positions, sequence ids, which tokens output logits."""
+        n = int(len(tokens))
+        if n > self.capacity:
+            raise ValueError(f"{n} tokens do not fit a batch of {self.capacity}")
+        self.token[:n] = tokens
+        self.pos[:n] = pos
+        self.seq[:n] = seq_id
+        self.logits[:n] = logits
+        self.n_tokens = n
+
+    def struct(self):
+        """The ``llama_batch`` struct pointing into our arrays."""
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        return _llama().llama_batch(
+            n_tokens=self.n_tokens,
+            token=self.token.ctypes.data_as(i32),
+            embd=None,
+            pos=self.pos.ctypes.data_as(i32),
+            n_seq_id=self.n_seq_id.ctypes.data_as(i32),
+            seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32))),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+
+
+# ---------------------------------------------------------------------------
+# context
+
+
+class _ThreadpoolParams(ctypes.Structure):
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * 512),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_lib() -> ctypes.CDLL | None:
+    lc = _llama()
+    d = Path(lc.__file__).resolve().parent / "lib"
+    for name in ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll"):
+        p = d / name
+        if p.exists():
+            lib = ctypes.CDLL(str(p))
+            lib.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
+            lib.ggml_threadpool_params_default.restype = _ThreadpoolParams
+            lib.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
+            lib.ggml_threadpool_new.restype = ctypes.c_void_p
+            lib.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+            lib.ggml_threadpool_free.restype = None
+            lc.llama_cpp._lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p] * 3
+            lc.llama_cpp._lib.llama_attach_threadpool.restype = None
+            lc.llama_cpp._lib.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
+            lc.llama_cpp._lib.llama_detach_threadpool.restype = None
+            return lib
+    return None  # pragma: no cover - a build without a CPU backend library
+
+
+class Context:
+    """A llama.cpp context, created the way llama.cpp's tools create theirs.
+
+    ``n_ctx`` is the total KV size (``n_seq_max`` sequences share it), ``n_batch`` the
+    most tokens one :meth:`decode` takes, ``n_ubatch`` the physical batch. ``cb_eval``
+    (``f(tensor_address, ask) -> bool``) becomes the scheduler's eval callback; an
+    exception raised inside it is kept, the computation of the current graph split is
+    stopped, and the exception is re-raised from :meth:`decode`.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int,
+        n_batch: int | None = None,
+        n_ubatch: int | None = None,
+        n_seq_max: int = 1,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        cb_eval: EvalCallback | None = None,
+        embeddings: bool = False,
+        n_outputs_max: int | None = None,
+    ) -> None:
+        init_backend()
+        lc = _llama()
+        self.model = model
+        self.ptr = None
+        self._tp = None
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = int(n_ctx)
+        cp.n_batch = int(n_batch if n_batch is not None else min(2048, n_ctx))
+        cp.n_ubatch = int(n_ubatch if n_ubatch is not None else 512)
+        cp.n_seq_max = int(n_seq_max)
+        nt = int(n_threads) if n_threads and n_threads > 0 else default_threads()
+        ntb = int(n_threads_batch) if n_threads_batch and n_threads_batch > 0 else nt
+        cp.n_threads = nt
+        cp.n_threads_batch = ntb
+        cp.embeddings = bool(embeddings)
+        if n_outputs_max:  # most logits rows per ubatch: bounds the output and compute buffers
+            cp.n_outputs_max = int(n_outputs_max)
+        self._cb_error: BaseException | None = None
+        self._cb_c = None
+        if cb_eval is not None:
+            user_cb = cb_eval
+
+            def _trampoline(t: int, ask: bool, _user: int | None) -> bool:
+                if self._cb_error is not None:
+                    return False
+                try:
+                    return bool(user_cb(t, ask))
+                except BaseException as exc:  # stop the graph; re-raised by decode()
+                    self._cb_error = exc
+                    return False
+
+            self._cb_c = lc.ggml_backend_sched_eval_callback(_trampoline)
+            cp.cb_eval = self._cb_c
+            cp.cb_eval_user_data = None
+        ptr = lc.llama_init_from_model(model.ptr, cp)
+        if not ptr:
+            raise ImatrixError(
+                f"{model.path}: llama.cpp could not create a context with n_ctx={n_ctx}, "
+                f"n_batch={cp.n_batch}, n_ubatch={cp.n_ubatch}, n_seq_max={n_seq_max} "
+                "(run with -v for its log)"
+            )
+        self.ptr = ptr
+        self.n_threads = nt
+        self._attach_threadpool(nt, ntb)
+        self.n_ctx = int(lc.llama_n_ctx(ptr))
+        self.n_batch = int(lc.llama_n_batch(ptr))
+        self.n_ubatch = int(lc.llama_n_ubatch(ptr))
+        self.n_seq_max = int(lc.llama_n_seq_max(ptr))
+        self.n_vocab = model.n_vocab
+
+    def _attach_threadpool(self, nt: int, ntb: int) -> None:
+        """One persistent threadpool, as ``common_threadpools::init`` attaches it.
+
+        Without it ggml starts threads for every graph piece the eval callback
+        splits off (one per observed tensor).
+        """
+        lib = _cpu_lib()
+        if lib is None or nt != ntb:
+            return
+        params = lib.ggml_threadpool_params_default(nt)
+        tp = lib.ggml_threadpool_new(ctypes.byref(params))
+        if not tp:
+            log.warning("could not create a CPU threadpool of %d threads", nt)
+            return
+        self._tp = tp
+        _llama().llama_cpp._lib.llama_attach_threadpool(self.ptr, tp, None)
+
+    # -- evaluation -----------------------------------------------------------
+
+    def clear(self) -> None:
+        """Forget every sequence (``llama_memory_clear`` with data)."""
+        lc = _llama()
+        lc.llama_memory_clear(lc.llama_get_memory(self.ptr), True)
+
+    def decode(self, batch: Batch) -> None:
+        """``llama_decode`` the batch; errors (and eval-callback exceptions) are raised."""
+        if batch.n_tokens <= 0:
+            raise ValueError("empty batch")
+        self._cb_error = None
+        ret = _llama().llama_decode(self.ptr, batch.struct())
+        if self._cb_error is not None:
+            exc, self._cb_error = self._cb_error, None
+            raise exc
+        if ret != 0:
+            raise ImatrixError(
+                f"llama_decode failed (code {ret}) on a batch of {batch.n_tokens} tokens"
+            )
+
+    def decode_tokens(
+        self,
+        batch: Batch,
+        tokens: np.ndarray,
+        pos: np.ndarray,
+        seq_id: np.ndarray | int = 0,
+        logits: np.ndarray | bool = True,
+    ) -> None:
+        """Fill ``batch`` and decode it in one call."""
+        batch.set(tokens, pos, seq_id, logits)
+        self.decode(batch)
+
+    def logits(self, n_rows: int) -> np.ndarray:
+        """The last decode's logits, ``[n_rows, n_vocab]`` float32, rows in batch order of
+        the tokens that asked for output (a view: copy before the next decode)."""
+        p = _llama().llama_get_logits(self.ptr)
+        if not p:
+            raise ImatrixError("no logits available")
+        addr = ctypes.cast(p, ctypes.c_void_p).value
+        raw = (ctypes.c_float * (n_rows * self.n_vocab)).from_address(addr)
+        return np.frombuffer(raw, dtype=np.float32).reshape(n_rows, self.n_vocab)
+
+    def synchronize(self) -> None:
+        _llama().llama_synchronize(self.ptr)
+
+    def close(self) -> None:
+        lc = _llama()
+        if self.ptr:
+            lc.llama_free(self.ptr)
+            self.ptr = None
+        if self._tp:
+            lib = _cpu_lib()
+            if lib is not None:
+                lib.ggml_threadpool_free(self._tp)
+            self._tp = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
