@@ -369,7 +369,6 @@ def collect_shard(
     ngl: int,
     threads: int,
     output_frequency: int,
-    parse_special: bool = False,
 ) -> Path:
     """Collect one shard: the chunk range this shard owns, on a GPU of its own when
     layers are offloaded, resuming from ``<output>.checkpoint`` if a previous run of
@@ -384,19 +383,19 @@ def collect_shard(
 
         collect(
             model,
+            tokens,
             output,
-            tokens=tokens,
-            dataset=dataset,
             first_chunk=first,
             last_chunk=last,
             n_ctx=n_ctx,
             n_batch=n_batch,
             n_ubatch=n_ubatch,
+            threads=threads,
+            n_gpu_layers=ngl,
             process_output=process_output,
             compute_ppl=ppl,
-            n_gpu_layers=ngl,
-            n_threads=threads,
             output_frequency=output_frequency,
+            dataset=dataset,
             resume=True,
         )
     return Path(output)

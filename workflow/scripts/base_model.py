@@ -1,7 +1,5 @@
 """Snakemake script of rule `base_model` (workflow/rules/prepare.smk): requantize a packaged model to an F16 base."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401

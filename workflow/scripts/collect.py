@@ -1,7 +1,5 @@
 """Snakemake script of rule `collect` (workflow/rules/collect.smk): one shard of one dataset."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401
@@ -27,7 +25,6 @@ collect_shard(
     n_ubatch=settings["n_ubatch"],
     process_output=settings["process_output"],
     ppl=settings["ppl"],
-    parse_special=settings["parse_special"],
     ngl=snakemake.config["collect"]["ngl"],
     threads=snakemake.threads,
     output_frequency=snakemake.config["collect"]["output_frequency"],

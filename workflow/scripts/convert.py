@@ -1,7 +1,5 @@
 """Snakemake script of rule `convert` (workflow/rules/merge.smk): the merged imatrix in another format."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401

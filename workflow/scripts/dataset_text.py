@@ -1,7 +1,5 @@
 """Snakemake script of rule `dataset_text` (workflow/rules/prepare.smk): a JSONL/Parquet dataset as plain text."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401

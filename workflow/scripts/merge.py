@@ -1,7 +1,5 @@
 """Snakemake script of rule `merge` (workflow/rules/merge.smk): all shards of a model into its imatrix."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401

@@ -1,7 +1,5 @@
 """Snakemake script of rule `quantize` (workflow/rules/quantize.smk): the base model quantized to one type."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401

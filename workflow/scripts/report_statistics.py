@@ -1,7 +1,5 @@
 """Snakemake script of rule `report_statistics` (workflow/rules/stats.smk): the statistics tables as HTML for the report."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401

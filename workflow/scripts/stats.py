@@ -1,7 +1,5 @@
 """Snakemake script of rule `stats` (workflow/rules/stats.smk): statistics tables and plots of the merged imatrix."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401

@@ -1,7 +1,5 @@
 """Snakemake script of rule `tokenize` (workflow/rules/prepare.smk): a dataset's text to tokens."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401
