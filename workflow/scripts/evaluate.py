@@ -3,8 +3,8 @@
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401
-from imatrix.evaluate import evaluate
 
+from imatrix.evaluate import evaluate
 from imatrix.workflow_helpers import job_logging
 
 if TYPE_CHECKING:

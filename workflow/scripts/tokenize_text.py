@@ -3,8 +3,8 @@
 from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401
-from imatrix.tokenize import tokenize_file
 
+from imatrix.tokenize import tokenize_file
 from imatrix.workflow_helpers import job_logging
 
 if TYPE_CHECKING:
