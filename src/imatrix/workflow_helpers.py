@@ -401,6 +401,29 @@ def collect_shard(
     return Path(output)
 
 
+def evaluate_quants(
+    base: str,
+    quants: Sequence[str],
+    text: str,
+    output: str,
+    *,
+    n_ctx: int,
+    chunks: int | None,
+    threads: int,
+    ngl: int,
+) -> Path:
+    """Evaluate a model's quantizations against its base into one summary table
+    (the base's logits are computed once for all of them), on a GPU of its own when
+    layers are offloaded."""
+    with claim_gpu(None if ngl > 0 else 0):
+        from imatrix.evaluate import evaluate, write_summary
+
+        df = evaluate(
+            base, list(quants), text, n_ctx=n_ctx, chunks=chunks, threads=threads, n_gpu_layers=ngl
+        )
+        return write_summary(df, output)
+
+
 def _provenance_errors(
     items: Sequence[ImatrixData], paths: Sequence[str], datasets: Sequence[str]
 ) -> None:
