@@ -15,7 +15,7 @@ rule stats:
             directory("results/{m}/stats/plots"),
             patterns=["{name}.png"],
             caption="../report/plots.rst",
-            category="Statistics",
+            category="Imatrix statistics",
             subcategory="{m}",
             labels={"model": "{m}", "plot": "{name}"},
         ),
@@ -38,7 +38,7 @@ rule report_statistics:
         html=report(
             "results/{m}/report/statistics.html",
             caption="../report/statistics.rst",
-            category="Statistics",
+            category="Imatrix statistics",
             subcategory="{m}",
             labels={"model": "{m}", "table": "tensors and layers"},
         ),
