@@ -28,6 +28,8 @@ _SUBCOMMANDS = (
     "check",
     "compare",
     "quantize",
+    "collect",
+    "tokenize",
 )
 
 
