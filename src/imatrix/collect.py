@@ -645,13 +645,11 @@ def collect(
     if output is not None:
         write_imatrix(data, output, output_format=output_format, compat=compat)
         outputs.append(Path(output))
-        if verbosity >= 1:
-            log.info("stored collected data after %d chunks in %s", data.chunk_count, output)
         if ckpt is not None and ckpt.exists():
             ckpt.unlink()
     if ppl is not None and ppl.ppl is not None:
         err = ppl.error
-        log.info(
+        (log.debug if on_chunk is not None else log.info)(
             "final estimate: PPL = %.4f +/- %s", ppl.ppl, "n/a" if err is None else f"{err:.5f}"
         )
     return CollectResult(
