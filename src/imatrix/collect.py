@@ -618,9 +618,10 @@ def collect(
                         bar.update(n_seq_batch * n_ctx)
                     reached = g0 + n_seq_batch
                     done_prev, done_now = g0 - first, reached - first
-                    if output is not None and reached < last:
+                    if output is not None:
                         if (
-                            output_frequency > 0
+                            reached < last
+                            and output_frequency > 0
                             and done_now // output_frequency > done_prev // output_frequency
                         ):
                             _write_checkpoint(

@@ -1,0 +1,263 @@
+"""The collector library: early graph stop, resume, chunk ranges, provenance, layout guard.
+
+Parity with llama-imatrix itself is in test_collect.py; here the reference for the
+activation sums is an independent numpy computation of the first layer's input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imatrix import ggml
+from imatrix.collect import checkpoint_path, collect
+from imatrix.errors import ImatrixError
+from imatrix.formats import read_imatrix
+from imatrix.llama_api import load_model
+from imatrix.model import Provenance
+from imatrix.tokenize import tokenize_file, tokenize_text
+
+
+@pytest.fixture
+def tokens(tiny_model, calib_text, tmp_path):
+    out = tmp_path / "calib.npy"
+    tokenize_file(tiny_model, calib_text, out)
+    return out
+
+
+def _same_entries(a, b) -> None:
+    assert set(a.entries) == set(b.entries)
+    for n in a.entries:
+        np.testing.assert_array_equal(a.entries[n].values, b.entries[n].values, err_msg=n)
+        np.testing.assert_array_equal(a.entries[n].sums, b.entries[n].sums, err_msg=n)
+        np.testing.assert_array_equal(a.entries[n].counts, b.entries[n].counts, err_msg=n)
+
+
+@pytest.mark.parametrize("n_batch", [512, 64])
+def test_early_stop_gives_identical_data(tiny_model, tokens, n_batch):
+    """Cutting graphs after the last needed tensor changes nothing (several sequences per
+    batch, and one sequence in two decodes per chunk)."""
+    kw = dict(n_ctx=128, n_batch=n_batch, last_chunk=8, compute_ppl=False, threads=2)
+    cut = collect(tiny_model, tokens, **kw)
+    full = collect(tiny_model, tokens, stop_early=False, **kw)
+    assert cut.stopped_early and not full.stopped_early
+    _same_entries(cut.data, full.data)
+
+
+def test_gpu_layers_path_gives_identical_data(tiny_model, tokens):
+    """-ngl goes through the same callback (on a CPU-only build it offloads nothing)."""
+    kw = dict(n_ctx=128, n_batch=256, last_chunk=4, compute_ppl=False, threads=2)
+    a = collect(tiny_model, tokens, n_gpu_layers=99, **kw)
+    b = collect(tiny_model, tokens, n_gpu_layers=0, stop_early=False, **kw)
+    _same_entries(a.data, b.data)
+
+
+def test_perplexity_or_output_disable_the_early_stop(dense_model, calib_text, tmp_path):
+    toks = tmp_path / "t.npy"
+    tokenize_file(dense_model, calib_text, toks)
+    kw = dict(n_ctx=128, last_chunk=2, threads=2)
+    assert not collect(dense_model, toks, compute_ppl=True, **kw).stopped_early
+    r = collect(dense_model, toks, compute_ppl=False, process_output=True, **kw)
+    assert not r.stopped_early
+    assert "output.weight" in r.data.entries
+
+
+def test_first_layer_sums_match_numpy(dense_model, calib_text, tmp_path):
+    """in_sum2 and in_sum of blk.0.attn_q (RMS-normed embeddings) against numpy."""
+    import gguf
+
+    toks = tmp_path / "t.npy"
+    tokenize_file(dense_model, calib_text, toks)
+    n_ctx, first, last = 128, 2, 7
+    res = collect(
+        dense_model, toks, n_ctx=n_ctx, first_chunk=first, last_chunk=last, compute_ppl=False
+    )
+    r = gguf.GGUFReader(dense_model)
+    w = {t.name: np.asarray(t.data) for t in r.tensors}
+    emb = w["token_embd.weight"].astype(np.float64)
+    norm = w["blk.0.attn_norm.weight"].astype(np.float64)
+    ids = np.load(toks)[first * n_ctx : last * n_ctx].reshape(-1, n_ctx).copy()
+    ids[:, 0] = 1  # BOS replaces each chunk's first token
+    x = emb[ids.reshape(-1)]
+    x = x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + 1e-5) * norm
+    e = res.data.entries["blk.0.attn_q.weight"]
+    np.testing.assert_allclose(e.values, (x * x).sum(0), rtol=2e-5)
+    np.testing.assert_allclose(e.sums, x.sum(0), rtol=1e-4, atol=1e-3)
+    assert e.counts.tolist() == [ids.size]
+
+
+def test_moe_counts_cover_every_routed_token(moe_model, calib_text, tmp_path):
+    toks = tmp_path / "t.npy"
+    tokenize_file(moe_model, calib_text, toks)
+    res = collect(moe_model, toks, n_ctx=128, last_chunk=5, compute_ppl=False)
+    for name, e in res.data.entries.items():
+        if "_exps" in name:
+            assert e.n_counts == 4
+            assert e.counts.sum() == 5 * 128 * 2  # 2 experts used per token
+        else:
+            assert e.counts.tolist() == [5 * 128]
+    assert res.data.chunk_count == 5 and res.data.chunk_size == 128
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("ppl", [True, False])
+def test_resume_equals_uninterrupted_run(tiny_model, tokens, tmp_path, ppl):
+    kw = dict(
+        n_ctx=128,
+        n_batch=256,
+        first_chunk=1,
+        last_chunk=13,
+        output_frequency=4,
+        compute_ppl=ppl,
+        threads=2,
+        dataset="calib",
+    )
+    whole = tmp_path / "whole.gguf"
+    ref = collect(tiny_model, tokens, whole, **kw)
+    assert not checkpoint_path(whole).exists()
+
+    out = tmp_path / "out.gguf"
+
+    def interrupt(k: int, _ppl: float | None) -> None:
+        if k == 10:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        collect(tiny_model, tokens, out, on_chunk=interrupt, **kw)
+    ck = checkpoint_path(out)
+    assert ck.exists() and not out.exists()
+    partial = read_imatrix(ck)
+    assert partial.provenance.chunk_reached == 9  # checkpoints after 4 and 8 chunks
+    assert partial.chunk_count == 8
+
+    seen: list[int] = []
+    res = collect(tiny_model, tokens, out, resume=True, on_chunk=lambda k, p: seen.append(k), **kw)
+    assert res.resumed_from == 9 and seen == [9, 10, 11, 12]
+    assert out.read_bytes() == whole.read_bytes()
+    assert not ck.exists()
+    if ppl:
+        assert res.perplexity.running == ref.perplexity.running
+        assert res.perplexity.ppl == ref.perplexity.ppl
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(dense_model, calib_text, tmp_path):
+    toks = tmp_path / "t.npy"
+    tokenize_file(dense_model, calib_text, toks)
+    out = tmp_path / "o.gguf"
+    kw = dict(n_ctx=128, last_chunk=6, output_frequency=2, compute_ppl=False, n_batch=128)
+
+    def interrupt(k: int, _p: float | None) -> None:
+        if k == 4:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        collect(dense_model, toks, out, on_chunk=interrupt, **kw)
+    with pytest.raises(ImatrixError, match=r"different settings.*last_chunk"):
+        collect(dense_model, toks, out, resume=True, **{**kw, "last_chunk": 5})
+    # without resume the checkpoint is ignored and replaced by the finished output
+    res = collect(dense_model, toks, out, **kw)
+    assert res.resumed_from is None and out.exists() and not checkpoint_path(out).exists()
+    assert read_imatrix(out).chunk_count == 6
+
+
+def test_chunk_range_is_checked(dense_model, calib_text, tmp_path):
+    toks = tmp_path / "t.npy"
+    tokenize_file(dense_model, calib_text, toks)
+    n = np.load(toks).size // 128
+    for first, last in ((0, n + 1), (3, 3), (-1, 2)):
+        with pytest.raises(ImatrixError, match="chunk range"):
+            collect(dense_model, toks, n_ctx=128, first_chunk=first, last_chunk=last)
+    # the library takes any valid range, also a single last chunk (no 2-chunk minimum)
+    r = collect(dense_model, toks, n_ctx=128, first_chunk=n - 1, last_chunk=n, compute_ppl=True)
+    assert r.data.chunk_count == 1 and len(r.perplexity.running) == 1
+
+
+def test_tokens_array_and_file_agree_and_name_the_dataset(dense_model, calib_text, tmp_path):
+    toks = tmp_path / "t.npy"
+    rec = tokenize_file(dense_model, calib_text, toks)
+    kw = dict(n_ctx=128, last_chunk=3, compute_ppl=False)
+    from_file = collect(dense_model, toks, **kw)
+    arr = np.load(toks)
+    from_arr = collect(
+        dense_model, arr, dataset="mine", provenance=Provenance(model_sha256="ab" * 32), **kw
+    )
+    _same_entries(from_file.data, from_arr.data)
+    # a tokens file names its text and carries its provenance
+    assert from_file.data.datasets == [str(calib_text)]
+    assert from_file.data.provenance.model_sha256 == rec["model_sha256"]
+    assert from_file.data.provenance.dataset_sha256 == [rec["text_sha256"]]
+    assert from_arr.data.datasets == ["mine"]
+    assert from_arr.data.provenance.model_sha256 == "ab" * 32
+
+
+def test_save_frequency_snapshots(dense_model, calib_text, tmp_path):
+    toks = tmp_path / "t.npy"
+    tokenize_file(dense_model, calib_text, toks)
+    out = tmp_path / "o.dat"
+    collect(
+        dense_model,
+        toks,
+        out,
+        n_ctx=128,
+        n_batch=256,
+        last_chunk=7,
+        save_frequency=3,
+        output_format="dat",
+        compute_ppl=False,
+    )
+    snaps = sorted(p.name for p in tmp_path.glob("o.dat.at_*"))
+    assert snaps == ["o.dat.at_4", "o.dat.at_6"]  # groups of 2: counts pass 3 at 4, 6 at 6
+    assert read_imatrix(tmp_path / "o.dat.at_6", chunk_size=128).chunk_count == 6
+    assert read_imatrix(out, chunk_size=128).chunk_count == 7
+
+
+def test_llama_log_goes_through_logging(dense_model, calib_text, tmp_path, capfd, caplog):
+    """Nothing from llama.cpp is printed raw: its log reaches Python logging."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="imatrix.llama")
+    toks = tmp_path / "t.npy"
+    tokenize_file(dense_model, calib_text, toks)
+    capfd.readouterr()
+    collect(dense_model, toks, n_ctx=128, last_chunk=2, compute_ppl=False, progress=False)
+    out = capfd.readouterr()
+    assert out.out == "" and "llama" not in out.err
+    assert any(
+        "llama_context" in r.getMessage() for r in caplog.records if r.name == "imatrix.llama"
+    )
+
+
+def test_tokenize_text_matches_model_load(dense_model, calib_text):
+    with load_model(dense_model, vocab_only=True) as v, load_model(dense_model) as m:
+        data = calib_text.read_bytes()[:500]
+        np.testing.assert_array_equal(tokenize_text(v, data), tokenize_text(m, data))
+
+
+def test_layout_guard_refuses_a_mismatch(monkeypatch):
+    assert ggml.check_layout().op_mul_mat != ggml.check_layout().op_mul_mat_id
+    ggml.check_layout.cache_clear()
+    monkeypatch.setattr(ggml, "GGML_OBJECT_SIZE", 16)
+    try:
+        with pytest.raises(ImatrixError, match="ggml_tensor_overhead"):
+            ggml.check_layout()
+    finally:
+        ggml.check_layout.cache_clear()
+
+
+def test_layout_guard_checks_field_offsets(monkeypatch):
+    """A struct whose fields are shifted (same size) is caught by the field checks."""
+
+    class Shifted(ggml.GGMLTensor.__base__):  # type: ignore[misc, name-defined]
+        _fields_ = (("pad", ggml.ctypes.c_int64), *ggml.GGMLTensor._fields_[:-1])
+
+    ggml.check_layout.cache_clear()
+    monkeypatch.setattr(ggml, "GGMLTensor", Shifted)
+    try:
+        with pytest.raises(ImatrixError, match="layout"):
+            ggml.check_layout()
+    finally:
+        monkeypatch.undo()
+        ggml.check_layout.cache_clear()
