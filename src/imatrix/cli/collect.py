@@ -155,8 +155,10 @@ def _show_statistics(paths: list[str], n_ctx: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.verbosity <= 0:
-        logging.getLogger("imatrix").setLevel(logging.WARNING)
+    # -lv 0: nothing but perplexity (and warnings); otherwise the -v/-q level applies
+    logging.getLogger("imatrix").setLevel(
+        logging.WARNING if args.verbosity <= 0 else logging.NOTSET
+    )
     in_files = _in_files(args.in_file)
     if args.show_statistics:
         return _show_statistics(in_files, args.ctx_size if args.ctx_size > 0 else 512)
