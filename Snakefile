@@ -25,4 +25,4 @@ include: "workflow/rules/evaluate.smk"
 rule all:
     default_target: True
     input:
-        all_targets(),
+        all_targets,

@@ -76,20 +76,24 @@ def n_shards(m, d):
     token count, so it waits for the tokenize checkpoint of (m, d)."""
     if COLLECT["chunks_per_shard"] is None:
         return COLLECT["shards"]
-    meta = checkpoints.tokenize.get(m=m, d=d).output.meta
+    tokens = checkpoints.tokenize.get(m=m, d=d).output.tokens
     return wh.shard_count(
-        wh.dataset_chunks(meta, COLLECT["n_ctx"], config["datasets"][d]["chunks"]),
+        wh.dataset_chunks(tokens, COLLECT["n_ctx"], config["datasets"][d]["chunks"]),
         chunks_per_shard=COLLECT["chunks_per_shard"],
     )
 
 
-def shard_files(wildcards):
+def model_shards(m):
     """All partial imatrices of model m, dataset by dataset in config order."""
     return [
-        f"results/{wildcards.m}/shards/{d}/{s}.gguf"
+        f"results/{m}/shards/{d}/{s}.gguf"
         for d in DATASETS
-        for s in range(n_shards(wildcards.m, d))
+        for s in range(n_shards(m, d))
     ]
+
+
+def shard_files(wildcards):
+    return model_shards(wildcards.m)
 
 
 def shard_datasets(wildcards):
@@ -122,10 +126,14 @@ def imatrix_files(m):
     return out
 
 
-def all_targets():
-    """Everything the config asks for, model by model (the default target)."""
+def all_targets(wildcards):
+    """Everything the config asks for, model by model (the default target).
+
+    The shards are targets too: they are kept as the unit of resume, and Snakemake
+    regenerates a deleted intermediate file only when something asks for it."""
     out = []
     for m in MODELS:
+        out += model_shards(m)
         out += imatrix_files(m)
         out += [
             f"results/{m}/stats/tensors.parquet",

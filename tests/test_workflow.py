@@ -1,0 +1,494 @@
+"""The Snakemake workflow end to end, through the Snakemake CLI, on the tiny dense model.
+
+Each run happens in its own working directory holding the tiny model, two generated
+datasets (a text file and a JSONL file) and tests/workflow_config/config.yaml; the
+workflow itself is this checkout's Snakefile. Two directories are run in full from
+scratch (A and B); the other tests reuse them. What is proven: the full DAG runs; a dry
+run lists exactly the expected jobs; the merged imatrix of 3 shards x 2 datasets equals
+one unsharded collection per dataset combined with the weights; deleting a shard reruns
+only that shard and what depends on it; a collect job killed mid-way resumes from its
+checkpoint to the same bytes; a config change that does not touch collection does not
+recollect; bad configs fail before any job; two runs from scratch give identical bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from imatrix.demo import sha256_file
+from imatrix.formats import read_imatrix, write_imatrix
+from imatrix.model import combine
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+CONFIG = ROOT / "tests" / "workflow_config" / "config.yaml"
+RUN_TIMEOUT = 900
+SNAKEMAKE = (sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tinymodels import sample_text  # noqa: E402
+
+pytestmark = pytest.mark.timeout(1800)
+
+M = "tiny"
+#: every file the test config asks for (paths relative to the working directory)
+TARGETS = [
+    f"results/{M}/imatrix.gguf",
+    f"results/{M}/imatrix.dat",
+    f"results/{M}/imatrix.compat.gguf",
+    f"results/{M}/stats/tensors.parquet",
+    f"results/{M}/stats/layers.parquet",
+    f"results/{M}/report/statistics.html",
+    f"results/{M}/quant/{M}-Q4_K_M.gguf",
+    f"results/{M}/quant/{M}-IQ3_XXS.gguf",
+    f"results/{M}/quant/noimatrix/{M}-Q4_K_M.gguf",
+    f"results/{M}/eval/summary.parquet",
+    f"results/{M}/report/evaluation.html",
+]
+SHARDS = [f"results/{M}/shards/{d}/{s}.gguf" for d in ("alpha", "beta") for s in range(3)]
+#: outputs that must be byte-identical between two runs from scratch
+REPRODUCIBLE = [
+    *SHARDS,
+    f"results/{M}/imatrix.gguf",
+    f"results/{M}/imatrix.dat",
+    f"results/{M}/imatrix.compat.gguf",
+    f"results/{M}/stats/tensors.parquet",
+    f"results/{M}/stats/layers.parquet",
+    f"results/{M}/quant/{M}-Q4_K_M.gguf",
+    f"results/{M}/quant/{M}-IQ3_XXS.gguf",
+    f"results/{M}/quant/noimatrix/{M}-Q4_K_M.gguf",
+    f"results/{M}/eval/summary.parquet",
+]
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def make_workdir(path: Path, model: Path, config: dict | None = None) -> Path:
+    """A working directory with the tiny model, the datasets and a config."""
+    (path / "models").mkdir(parents=True)
+    (path / "data").mkdir()
+    shutil.copyfile(model, path / "models" / "tiny.gguf")
+    (path / "data" / "alpha.txt").write_text(sample_text(2500, seed=3), encoding="utf-8")
+    sentences = sample_text(3000, seed=4).split(". ")
+    with open(path / "data" / "beta.jsonl", "w", encoding="utf-8") as fh:
+        for i in range(0, len(sentences), 10):
+            fh.write(json.dumps({"id": i, "text": ". ".join(sentences[i : i + 10])}) + "\n")
+    (path / "data" / "eval.txt").write_text(sample_text(1200, seed=5), encoding="utf-8")
+    cfg = config if config is not None else load_config()
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def load_config() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+def snakemake(
+    workdir: Path, *args: str, config: str = "config.yaml", check: bool = True, env=None
+) -> subprocess.CompletedProcess:
+    # options taking several values (--configfile, --resources) must not swallow targets
+    cmd = [*SNAKEMAKE, *args, "--configfile", config]
+    proc = subprocess.run(
+        cmd,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        env=env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a Snakemake (dry) run."""
+    counts: dict[str, int] = {}
+    lines = output.splitlines()
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("Job stats:"))
+    except StopIteration:
+        return counts
+    for ln in lines[start + 3 :]:
+        parts = ln.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        if parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def dry_run(workdir: Path, *args: str, config: str = "config.yaml") -> tuple[dict[str, int], str]:
+    proc = snakemake(workdir, "-n", "-c2", *args, config=config)
+    out = proc.stdout + proc.stderr
+    return job_counts(out), out
+
+
+def run(workdir: Path, *args: str, config: str = "config.yaml") -> str:
+    proc = snakemake(workdir, "-c2", *args, config=config)
+    return proc.stdout + proc.stderr
+
+
+EXPECTED_JOBS = {
+    "dataset_text": 1,  # beta is JSONL
+    "tokenize": 2,
+    "collect": 6,
+    "merge": 1,
+    "convert": 2,
+    "stats": 1,
+    "report_statistics": 1,
+    "quantize": 2,
+    "quantize_noimatrix": 1,  # IQ3_XXS needs an imatrix
+    "evaluate": 1,
+    "report_evaluation": 1,
+    "all": 1,
+}
+
+
+# --- fixtures -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory: pytest.TempPathFactory, dense_model: Path) -> Path:
+    wd = make_workdir(tmp_path_factory.mktemp("wf") / "a", dense_model)
+    counts, _ = dry_run(wd)
+    assert counts == EXPECTED_JOBS
+    run(wd)
+    return wd
+
+
+@pytest.fixture(scope="module")
+def run_b(tmp_path_factory: pytest.TempPathFactory, dense_model: Path, run_a: Path) -> Path:
+    wd = make_workdir(tmp_path_factory.mktemp("wf") / "b", dense_model)
+    run(wd)
+    return wd
+
+
+# --- tests --------------------------------------------------------------------------
+
+
+def test_dry_run_lists_expected_jobs(tmp_path: Path, dense_model: Path) -> None:
+    wd = make_workdir(tmp_path / "w", dense_model)
+    counts, out = dry_run(wd)
+    assert counts == EXPECTED_JOBS
+    for s in SHARDS:
+        assert s in out
+    assert not (wd / "results").exists()
+
+
+def test_full_dag_runs(run_a: Path) -> None:
+    for t in [*TARGETS, *SHARDS]:
+        assert (run_a / t).is_file(), t
+    plots = sorted((run_a / f"results/{M}/stats/plots").glob("*.png"))
+    assert plots
+    # nothing left to do, and no checkpoint left behind
+    counts, out = dry_run(run_a)
+    assert counts == {}, out
+    assert not list((run_a / "results").rglob("*.checkpoint"))
+    # logs and benchmarks where the design says
+    assert (run_a / f"logs/{M}/collect/alpha/0.log").is_file()
+    assert (run_a / f"results/benchmarks/{M}/collect/beta/2.tsv").is_file()
+    assert (run_a / f"results/benchmarks/{M}/quantize/IQ3_XXS.tsv").is_file()
+    # the quantized models used the merged imatrix; the comparison did not
+    import pandas as pd
+
+    summary = pd.read_parquet(run_a / f"results/{M}/eval/summary.parquet")
+    assert summary["is_base"].tolist() == [True, False, False, False]
+    assert summary["imatrix"].tolist() == [False, True, True, False]
+    assert set(summary["type"]) == {"F16", "Q4_K_M", "IQ3_XXS"}
+
+
+def test_report(run_a: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.html"
+    out = snakemake(run_a, "--report", str(report)).stderr
+    assert report.is_file()
+    for name in ("statistics.html", "evaluation.html", "layers_sum_sqact.png"):
+        assert f"Adding {name}" in out
+
+
+def test_merge_equals_unsharded_collection(run_a: Path) -> None:
+    """3 shards x 2 datasets merged == per dataset one collect over the same chunks,
+    then combined with the weights (counts identical, sums within 1e-6 relative)."""
+    from imatrix.collect import collect
+
+    cfg = load_config()
+    c = cfg["collect"]
+    whole = []
+    for d in ("alpha", "beta"):
+        out = run_a / f"unsharded-{d}.gguf"
+        collect(
+            run_a / "models/tiny.gguf",
+            run_a / f"results/{M}/tokens/{d}.npy",
+            out,
+            last_chunk=cfg["datasets"][d].get("chunks"),
+            n_ctx=c["n_ctx"],
+            n_batch=c["n_batch"],
+            n_ubatch=c["n_ubatch"],
+            threads=1,
+            n_gpu_layers=0,
+            compute_ppl=False,
+            output_frequency=0,
+            dataset=d,
+        )
+        whole.append(read_imatrix(out))
+    ref = combine(whole, weights=[1.0, 2.0])
+    merged = read_imatrix(run_a / f"results/{M}/imatrix.gguf")
+    assert merged.datasets == ["alpha", "beta"] == ref.datasets
+    assert merged.chunk_count == ref.chunk_count and merged.chunk_size == 128
+    assert sorted(merged.entries) == sorted(ref.entries)
+    for name, r in ref.entries.items():
+        e = merged.entries[name]
+        np.testing.assert_array_equal(e.counts, r.counts, err_msg=name)
+        np.testing.assert_allclose(e.values, r.values, rtol=1e-6, atol=0, err_msg=name)
+        # plain sums can cancel: bound the error by the sum of |x| <= sqrt(n * sum x^2)
+        scale = np.sqrt(np.repeat(r.counts, r.row_size) * r.values)
+        assert np.all(np.abs(e.sums - r.sums) <= 1e-6 * scale + 1e-6 * np.abs(r.sums)), name
+    # provenance: the model's and every dataset's sha256
+    assert merged.provenance.model_sha256 == sha256_file(run_a / "models/tiny.gguf")
+    assert merged.provenance.dataset_sha256 == [
+        sha256_file(run_a / "data/alpha.txt"),
+        sha256_file(run_a / "results/datasets/beta.txt"),
+    ]
+
+
+def test_same_config_twice_gives_identical_bytes(run_a: Path, run_b: Path) -> None:
+    for rel in REPRODUCIBLE:
+        assert (run_a / rel).read_bytes() == (run_b / rel).read_bytes(), rel
+
+
+def test_config_change_outside_collection_does_not_recollect(run_b: Path) -> None:
+    cfg = load_config()
+    cfg["quantize"]["types"].append("Q2_K")
+    cfg["datasets"]["beta"]["weight"] = 3
+    cfg["evaluate"]["chunks"] = 2
+    cfg["collect"]["threads"] = 2  # how a shard is computed, not what it holds
+    cfg["collect"]["output_frequency"] = 5
+    (run_b / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    counts, out = dry_run(run_b, config="changed.yaml")
+    assert "collect" not in counts and "tokenize" not in counts, out
+    assert counts["merge"] == 1  # the weight changed
+    assert counts["quantize"] == 3  # the imatrix changed, and Q2_K is new
+    assert counts["quantize_noimatrix"] == 1  # only Q2_K: the others do not use the imatrix
+    # and a change that does touch collection reruns every shard
+    cfg["collect"]["n_ctx"] = 64
+    (run_b / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    counts, _ = dry_run(run_b, config="changed.yaml")
+    assert counts["collect"] == 6
+
+
+def test_deleted_shard_reruns_only_that_shard(run_a: Path) -> None:
+    merged = (run_a / f"results/{M}/imatrix.gguf").read_bytes()
+    others = {s: (run_a / s).stat().st_mtime_ns for s in SHARDS if s != SHARDS[1]}
+    (run_a / SHARDS[1]).unlink()
+    counts, out = dry_run(run_a)
+    assert counts["collect"] == 1 and counts["merge"] == 1, out
+    assert "tokenize" not in counts and "quantize_noimatrix" not in counts
+    assert re.search(rf"output: {re.escape(SHARDS[1])}\n", out)
+    run(run_a)
+    assert (run_a / f"results/{M}/imatrix.gguf").read_bytes() == merged
+    assert {s: (run_a / s).stat().st_mtime_ns for s in others} == others
+
+
+def _collect_pids(workdir: Path) -> list[int]:
+    """Processes running this working directory's collect script."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(workdir) in cmd and ".collect.py" in cmd:
+            pids.append(int(p.name))
+    return pids
+
+
+def test_killed_collect_resumes_from_checkpoint(run_a: Path) -> None:
+    shard = SHARDS[2]  # alpha, the last 23 of its 67 chunks
+    target = run_a / shard
+    ckpt = Path(str(target) + ".checkpoint")
+    before = target.read_bytes()
+    target.unlink()
+    proc = subprocess.Popen(
+        [*SNAKEMAKE, "-c1", shard, "--configfile", "config.yaml"],
+        cwd=run_a,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not ckpt.exists():
+            assert proc.poll() is None, "snakemake ended before the first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        pids = _collect_pids(run_a)
+        assert pids, "collect job not found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out
+    assert not target.exists() and ckpt.exists()
+    reached = read_imatrix(ckpt).provenance.chunk_reached
+    assert 44 < reached < 67
+    run(run_a, shard)
+    log = (run_a / f"logs/{M}/collect/alpha/2.log").read_text()
+    assert f"resuming from {ckpt.relative_to(run_a)} at chunk {reached}" in log
+    assert target.read_bytes() == before
+    assert not ckpt.exists()
+    run(run_a)  # bring everything downstream up to date again
+
+
+def test_chunks_per_shard(run_a: Path, tmp_path: Path, dense_model: Path) -> None:
+    """Shards of a fixed number of chunks: their count follows the token count (a
+    Snakemake checkpoint after tokenization); the merge equals the 3-shard merge."""
+    cfg = load_config()
+    cfg["collect"]["chunks_per_shard"] = 30
+    wd = make_workdir(tmp_path / "w", dense_model, cfg)
+    run(wd, f"results/{M}/imatrix.gguf")
+    assert sorted(p.name for p in (wd / f"results/{M}/shards/alpha").glob("*.gguf")) == [
+        "0.gguf",
+        "1.gguf",
+        "2.gguf",
+    ]  # 67 chunks
+    assert [p.name for p in (wd / f"results/{M}/shards/beta").glob("*.gguf")] == ["0.gguf"]
+    a = read_imatrix(run_a / f"results/{M}/imatrix.gguf")
+    b = read_imatrix(wd / f"results/{M}/imatrix.gguf")
+    assert b.datasets == a.datasets
+    for name, e in a.entries.items():
+        np.testing.assert_array_equal(b.entries[name].counts, e.counts)
+        np.testing.assert_allclose(b.entries[name].values, e.values, rtol=1e-6)
+
+
+def test_collect_jobs_get_their_own_gpu(tmp_path: Path, dense_model: Path) -> None:
+    """With --resources gpu=2 and ngl > 0, concurrent collect jobs claim distinct
+    devices (here the CPU build ignores the offload; IMATRIX_GPU_SLOTS stands in for
+    the driver's device count)."""
+    cfg = load_config()
+    cfg["collect"]["ngl"] = 99
+    wd = make_workdir(tmp_path / "w", dense_model, cfg)
+    env = {**os.environ, "IMATRIX_GPU_SLOTS": "2", "TMPDIR": str(tmp_path)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    counts, _ = dry_run(wd, "--resources", "gpu=2")
+    assert counts["collect"] == 6
+    snakemake(wd, "-c2", f"results/{M}/imatrix.gguf", "--resources", "gpu=2", env=env)
+    slots = []
+    for log in sorted((wd / f"logs/{M}/collect").rglob("*.log")):
+        m = re.search(r"claimed GPU slot (\d) of 2 \(CUDA_VISIBLE_DEVICES=\1\)", log.read_text())
+        assert m, log
+        slots.append(int(m.group(1)))
+    assert set(slots) == {0, 1}
+
+
+def _bad(cfg: dict, change) -> dict:
+    change(cfg)
+    return cfg
+
+
+BAD_CONFIGS = {
+    "unknown quant type": (
+        lambda c: c["quantize"]["types"].append("Q9_X"),
+        "quantize.types: unknown quantization type 'Q9_X'",
+    ),
+    "missing dataset file": (
+        lambda c: c["datasets"]["alpha"].update(path="data/missing.txt"),
+        "datasets.alpha.path: data/missing.txt: no such file",
+    ),
+    "shards < 1": (
+        lambda c: c["collect"].update(shards=0),
+        "0 is less than the minimum of 1",
+    ),
+    "missing model file": (
+        lambda c: c["models"]["tiny"].update(path="models/none.gguf"),
+        "models.tiny.path: models/none.gguf: no such file",
+    ),
+    "unknown key": (
+        lambda c: c["collect"].update(n_context=256),
+        "Additional properties are not allowed ('n_context' was unexpected)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_fails_before_any_job(case: str, tmp_path: Path, dense_model: Path) -> None:
+    change, message = BAD_CONFIGS[case]
+    wd = make_workdir(tmp_path / "w", dense_model, _bad(load_config(), change))
+    proc = snakemake(wd, "-c1", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert message in out, out
+    assert not (wd / "results").exists() and not (wd / "logs").exists()
+
+
+def test_lint_and_format() -> None:
+    """`snakemake --lint` on the default (demo) config and `snakefmt --check` are clean."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, proc.stderr
+    snakefmt = shutil.which("snakefmt") or str(Path(sys.executable).parent / "snakefmt")
+    proc = subprocess.run(
+        [snakefmt, "--check", "Snakefile", "workflow"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_merge_refuses_a_shard_of_another_text(run_b: Path) -> None:
+    """A shard collected on a different version of the dataset's text is refused."""
+    from imatrix.collect import collect
+
+    odd = run_b / "odd"
+    odd.mkdir()
+    (odd / "alpha.txt").write_text(sample_text(2500, seed=99), encoding="utf-8")
+    from imatrix.tokenize import tokenize_file
+
+    tokenize_file(run_b / "models/tiny.gguf", odd / "alpha.txt", odd / "alpha.npy")
+    collect(
+        run_b / "models/tiny.gguf",
+        odd / "alpha.npy",
+        odd / "shard.gguf",
+        first_chunk=0,
+        last_chunk=22,
+        n_ctx=128,
+        n_batch=256,
+        n_ubatch=128,
+        threads=1,
+        n_gpu_layers=0,
+        compute_ppl=False,
+        output_frequency=0,
+        dataset="alpha",
+    )
+    data = read_imatrix(odd / "shard.gguf")
+    write_imatrix(data, run_b / SHARDS[0])  # newer than the merge: it reruns
+    proc = snakemake(run_b, "-c1", f"results/{M}/imatrix.gguf", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    log = (run_b / f"logs/{M}/merge.log").read_text()
+    assert "shards disagree on the text of dataset 'alpha' (sha256)" in log, out + log
