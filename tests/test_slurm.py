@@ -1,0 +1,316 @@
+"""The workflow through ``snakemake --profile profiles/slurm`` on a real SLURM cluster.
+
+The cluster is real (tests/slurm/start-cluster.sh: slurmctld, slurmd and munged on this
+machine, one node with fake GPUs, which Slurm schedules like real ones); nothing is
+mocked. The tiny-model workflow config (tests/workflow_config, working directory built
+as tests/test_workflow.py builds it) runs twice: locally with ``-c2``, then through a
+copy of profiles/slurm that differs only in the partition (and, on a cluster without
+accounting, ``slurm-status-command: squeue``, the setting the profile documents for
+such sites). What is proven, from the scheduler's own records (``scontrol show job``:
+batch flag, comment naming the rule and wildcards, GPU request, final state) and
+slurmctld's log of batch submissions:
+- every job Snakemake did not run locally went through ``sbatch`` and completed, once;
+- jobs of rules the profile gives a GPU (collect, evaluate) asked Slurm for one and got
+  ``CUDA_VISIBLE_DEVICES`` inside the job; no other job asked for one;
+- a collect job that fails once (a fault injected through the environment, see
+  ``FAULT_HOOK``) is resubmitted by the profile's ``retries`` and then succeeds;
+- every output equals the local run's byte for byte (Snakemake's timing files aside).
+
+Skipped, with the reason, when no SLURM cluster answers ``sinfo``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+# the workflow tests' working directory: tiny model, datasets, config (tests/ is on
+# sys.path: conftest.py puts it there)
+from test_workflow import make_workdir
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
+#: seconds before a hung run is killed (snakemake may ignore SIGTERM, hence timeout -k)
+RUN_TIMEOUT = 1200
+FAULT_RULE = "collect"
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(2 * RUN_TIMEOUT + 300)]
+
+#: Test-only fault injection, put on PYTHONPATH of the SLURM run as sitecustomize.py:
+#: the first Python process started for a Snakemake script of rule $IMATRIX_TEST_FAIL_RULE
+#: (Snakemake runs `.snakemake/scripts/tmp<random>.<script name>` in a new interpreter)
+#: claims the token file $IMATRIX_TEST_FAIL_ONCE by renaming it, atomically, so exactly
+#: one job on any node fails, with exit status 3; every later attempt finds no token.
+FAULT_HOOK = """\
+import os
+import sys
+
+_token = os.environ.get("IMATRIX_TEST_FAIL_ONCE")
+_rule = os.environ.get("IMATRIX_TEST_FAIL_RULE")
+if _token and _rule and sys.argv and sys.argv[0].endswith("." + _rule + ".py"):
+    try:
+        os.rename(_token, _token + ".claimed")
+    except FileNotFoundError:
+        pass
+    else:
+        sys.stderr.write("imatrix test: fault injected into rule " + _rule + "\\n")
+        sys.stderr.flush()
+        os._exit(3)
+"""
+
+
+# --- the cluster ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cluster:
+    partition: str
+    has_accounting: bool
+    slurmctld_log: Path | None
+
+
+def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Cluster:
+    """The partition to test in: $IMATRIX_SLURM_PARTITION, else the default partition,
+    which must have an idle or mixed node with `gpu` GRES."""
+    if shutil.which("sinfo") is None:
+        pytest.skip("no SLURM here: sinfo not found (tests/slurm/start-cluster.sh starts one)")
+    try:
+        proc = _run(["sinfo", "--noheader", "--format=%P|%t|%G"])
+    except subprocess.TimeoutExpired:
+        pytest.skip("no SLURM cluster answers: sinfo timed out")
+    if proc.returncode != 0:
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
+        pytest.skip(
+            f"no SLURM cluster answers (sinfo: {reason}); start one with "
+            "tests/slurm/start-cluster.sh"
+        )
+    rows = [ln.split("|") for ln in proc.stdout.splitlines() if ln.count("|") == 2]
+    wanted = os.environ.get("IMATRIX_SLURM_PARTITION")
+    if wanted is None:
+        defaults = [p.rstrip("*") for p, _, _ in rows if p.endswith("*")]
+        if not defaults:
+            pytest.skip("SLURM has no default partition; set IMATRIX_SLURM_PARTITION")
+        wanted = defaults[0]
+    usable = [
+        r for r in rows if r[0].rstrip("*") == wanted and r[1] in ("idle", "mix") and "gpu" in r[2]
+    ]
+    if not usable:
+        pytest.skip(f"SLURM partition '{wanted}' has no idle node with gpu GRES: {rows}")
+    # sacct fails without slurmdbd; the plugin's default status command is then useless
+    has_accounting = _run(["sacct", "--noheader", "-X", "--starttime=now"]).returncode == 0
+    conf = _run(["scontrol", "show", "config"]).stdout
+    m = re.search(r"^SlurmctldLogFile\s*=\s*(\S+)", conf, re.M)
+    log = Path(m.group(1)) if m else None
+    return Cluster(wanted, has_accounting, log if log and os.access(log, os.R_OK) else None)
+
+
+def scheduler_records(workdir: Path) -> list[dict[str, str]]:
+    """slurmctld's records of every job that ran in ``workdir`` (finished jobs stay for
+    MinJobAge seconds; the test cluster keeps them an hour)."""
+    out = _run(["scontrol", "--oneliner", "show", "job"]).stdout
+    records = [dict(re.findall(r"(\S+?)=(\S*)", line)) for line in out.splitlines()]
+    return [r for r in records if r.get("WorkDir") == str(workdir)]
+
+
+# --- running Snakemake ------------------------------------------------------------------
+
+
+def snakemake(workdir: Path, *args: str, env: dict[str, str]) -> str:
+    """Run this checkout's workflow in ``workdir``; its log (stderr) on success."""
+    cmd = ["timeout", "-k", "30", str(RUN_TIMEOUT), sys.executable, "-m", "snakemake"]
+    cmd += ["-s", str(SNAKEFILE), "--configfile", "config.yaml", *args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+    (workdir / "snakemake.out").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} in {workdir} exited {proc.returncode} "
+            f"(124: killed after {RUN_TIMEOUT} s):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc.stdout + proc.stderr
+
+
+_HEADER = re.compile(r"^(local)?(rule|checkpoint) (\w+):$")
+_JOBID = re.compile(r"^\s+jobid: (\d+)$")
+_WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
+
+
+@dataclass(frozen=True)
+class Job:
+    rule: str
+    wildcards: tuple[str, ...]  # values, in the rule's order
+    local: bool
+
+    @property
+    def comment(self) -> str:
+        """The comment snakemake-executor-plugin-slurm gives the job's sbatch call."""
+        if not self.wildcards:
+            return f"rule_{self.rule}"
+        return f"rule_{self.rule}_wildcards_" + "_".join(self.wildcards).replace("/", "_")
+
+
+def jobs_of(log: str) -> dict[int, Job]:
+    """Every job a Snakemake log announces, by Snakemake job id (a retried job keeps its
+    id and is listed once)."""
+    jobs: dict[int, Job] = {}
+    header: tuple[str, bool] | None = None
+    jobid: int | None = None
+    wildcards: tuple[str, ...] = ()
+
+    def flush() -> None:
+        if header is not None and jobid is not None:
+            jobs.setdefault(jobid, Job(header[0], wildcards, header[1]))
+
+    for line in log.splitlines():
+        if m := _HEADER.match(line):
+            flush()
+            header, jobid, wildcards = (m.group(3), bool(m.group(1))), None, ()
+        elif header is not None and (m := _JOBID.match(line)):
+            jobid = int(m.group(1))
+        elif header is not None and (m := _WILDCARDS.match(line)):
+            wildcards = tuple(kv.split("=", 1)[1] for kv in m.group(1).split(", "))
+        elif not line.startswith((" ", "\t")):  # a block is its header's indented lines
+            flush()
+            header = None
+    flush()
+    return jobs
+
+
+def output_files(workdir: Path) -> dict[str, bytes]:
+    """Every file under results/ except Snakemake's `benchmark:` timings."""
+    results = workdir / "results"
+    return {
+        str(p.relative_to(workdir)): p.read_bytes()
+        for p in sorted(results.rglob("*"))
+        if p.is_file() and p.relative_to(results).parts[0] != "benchmarks"
+    }
+
+
+def profile_copy(dest: Path, cluster: Cluster) -> dict:
+    """profiles/slurm with the partition set (and squeue on a cluster without sacct)."""
+    profile = yaml.safe_load(PROFILE.read_text())
+    profile["default-resources"]["slurm_partition"] = cluster.partition
+    for rule_resources in profile.get("set-resources", {}).values():
+        rule_resources.pop("slurm_partition", None)
+    if not cluster.has_accounting:
+        profile["slurm-status-command"] = "squeue"
+    dest.mkdir(parents=True)
+    (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return profile
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without a user's Snakemake profile or a job's SLURM context."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k != "SNAKEMAKE_PROFILE" and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+    }
+
+
+# --- the test ---------------------------------------------------------------------------
+
+
+def test_workflow_through_slurm_profile(
+    cluster: Cluster, tmp_path: Path, dense_model: Path
+) -> None:
+    env = clean_env()
+
+    # 1. the reference: the same config run locally
+    local_dir = make_workdir(tmp_path / "local", dense_model)
+    local_log = snakemake(local_dir, "-c2", env=env)
+    local_jobs = jobs_of(local_log)
+    assert any(j.rule == FAULT_RULE for j in local_jobs.values()), local_log[-3000:]
+
+    # 2. the same config through a copy of the profile, one collect job failing once
+    slurm_dir = make_workdir(tmp_path / "slurm", dense_model)
+    profile = profile_copy(tmp_path / "profile", cluster)
+    assert profile["executor"] == "slurm" and profile["retries"] >= 1
+    hook = tmp_path / "fault-hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT_HOOK)
+    token = tmp_path / "fail-once.token"
+    token.touch()
+    slurm_env = dict(
+        env,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
+        IMATRIX_TEST_FAIL_ONCE=str(token),
+        IMATRIX_TEST_FAIL_RULE=FAULT_RULE,
+    )
+    slurm_log = snakemake(slurm_dir, "--profile", str(tmp_path / "profile"), env=slurm_env)
+    assert not token.exists() and token.with_name(token.name + ".claimed").exists(), (
+        "the injected fault never fired"
+    )
+
+    # the same DAG ran in both
+    slurm_jobs = jobs_of(slurm_log)
+    key = Counter((j.rule, j.wildcards) for j in local_jobs.values())
+    assert Counter((j.rule, j.wildcards) for j in slurm_jobs.values()) == key
+    remote = [j for j in slurm_jobs.values() if not j.local]
+    assert {j.rule for j in remote} >= {"collect", "merge", "quantize", "evaluate"}, remote
+
+    # 3. the scheduler's records: every non-local job went through sbatch and completed,
+    #    exactly once; the one extra record is the injected failure, resubmitted after
+    records = scheduler_records(slurm_dir)
+    assert records, "slurmctld has no job of this run (MinJobAge shorter than the run?)"
+    assert all(r["BatchFlag"] == "1" for r in records), records
+    if cluster.slurmctld_log is not None:
+        submitted = set(
+            re.findall(
+                r"_slurm_rpc_submit_batch_job: JobId=(\d+)", cluster.slurmctld_log.read_text()
+            )
+        )
+        assert {r["JobId"] for r in records} <= submitted
+    completed = Counter(r["Comment"] for r in records if r["JobState"] == "COMPLETED")
+    assert completed == Counter(j.comment for j in remote)
+    failed = [r for r in records if r["JobState"] != "COMPLETED"]
+    assert len(failed) == 1, failed
+    (fault,) = failed
+    assert fault["JobState"] == "FAILED" and fault["Comment"].startswith(f"rule_{FAULT_RULE}_")
+    retry = next(
+        r for r in records if r["Comment"] == fault["Comment"] and r["JobState"] == "COMPLETED"
+    )
+    assert int(retry["JobId"]) > int(fault["JobId"])
+    assert "Trying to restart job" in slurm_log
+    # the failed job's Slurm log is kept and shows the injected fault inside the job
+    fault_logs = list((slurm_dir / ".snakemake" / "slurm_logs").rglob(f"{fault['JobId']}.log"))
+    assert len(fault_logs) == 1 and "fault injected" in fault_logs[0].read_text()
+
+    # 4. GPUs: exactly the rules the profile gives a GPU asked Slurm for one ...
+    gpu_rules = {r for r, res in profile["set-resources"].items() if res.get("gpu", 0) > 0}
+    assert FAULT_RULE in gpu_rules
+    for r in records:
+        rule = next(j.rule for j in remote if j.comment == r["Comment"])
+        asked = re.search(r"gpu:(\d+)", r.get("TresPerJob", "")) or re.search(
+            r"gpu:(\d+)", r.get("TresPerNode", "")
+        )
+        if rule in gpu_rules:
+            assert asked and int(asked.group(1)) == 1, r
+        else:
+            assert asked is None, r
+    # ... and inside the job Slurm's allocation reached the collector
+    for j in remote:
+        if j.rule == "collect":
+            m, d, s = j.wildcards
+            text = (slurm_dir / f"logs/{m}/collect/{d}/{s}.log").read_text()
+            assert re.search(r"CUDA_VISIBLE_DEVICES=\d", text), text
+
+    # 5. the results equal the local run's, byte for byte
+    local_out, slurm_out = output_files(local_dir), output_files(slurm_dir)
+    assert sorted(slurm_out) == sorted(local_out)
+    differ = [p for p in local_out if local_out[p] != slurm_out[p]]
+    assert not differ
