@@ -24,7 +24,7 @@
 # - DefMemPerCPU: with CR_Core_Memory a job without a memory request would otherwise
 #   get the whole node's memory and jobs would run one at a time.
 # - SlurmdParameters=config_overrides: the node is what this file says, whatever the
-#   hardware reports, so a CI runner with other core counts is not drained.
+#   hardware reports, so a CI runner with fewer cores or less memory is not drained.
 set -euo pipefail
 
 STATE="${IMATRIX_SLURM_STATE:-/var/lib/imatrix-slurm}"
@@ -50,6 +50,8 @@ for cmd in munged mungekey slurmctld slurmd slurmstepd sbatch sinfo squeue scont
     command -v "$cmd" >/dev/null 2>&1 || need_install=1
 done
 if [ "$need_install" -eq 1 ]; then
+    command -v apt-get >/dev/null 2>&1 ||
+        die "munge/slurm commands missing and no apt-get here: install munge, slurmctld, slurmd and the slurm client tools"
     log "installing munge and slurm (slurmctld slurmd slurm-client)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
@@ -90,7 +92,10 @@ record_daemon() { # name pidfile -> waits for the pid file, records pid + start 
 
 # ---------------------------------------------------------------- configuration
 host="$(hostname -s)"
-mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
+# Memory is not enforced on this node (no cgroups), so the declared size only has to
+# admit the profile's requests, which are sized for real nodes (a retried collect job
+# asks for twice its first request): 90% of this machine's memory, at least 32 GB.
+mem_mb="${IMATRIX_SLURM_MEM_MB:-$(awk '/^MemTotal:/ {m = int($2 / 1024 * 0.9); print (m < 32000 ? 32000 : m)}' /proc/meminfo)}"
 install -d -m 0755 "$STATE" "$STATE/run" "$STATE/log" "$STATE/spool" "$STATE/dev"
 install -d -m 0755 -o munge -g munge "$STATE/munge"
 install -d -m 0755 -o slurm -g slurm "$STATE/ctld"
