@@ -28,6 +28,7 @@ _SUBCOMMANDS = (
     "check",
     "compare",
     "quantize",
+    "evaluate",
     "collect",
     "tokenize",
 )

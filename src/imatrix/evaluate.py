@@ -1,0 +1,511 @@
+"""Quality of quantized models against their base: perplexity, KL divergence, top token.
+
+What is measured is what ``llama-perplexity --kl-divergence`` reports, on the same
+tokens: the text is tokenized once (BOS added as the model wants, no special-token
+parsing), cut into ``n_ctx``-token chunks whose first token is replaced by BOS, and
+every chunk is evaluated from an empty KV cache; the logits of the second half of
+each chunk (positions ``n_ctx/2 .. n_ctx-2``) predict the next token. For each
+quantized model and each scored token:
+
+- ``nll = -log q(next token)``; PPL = exp(mean nll) (the base's PPL the same way);
+- ``KLD = sum_v p(v) (log p(v) - log q(v))`` over the full vocabulary, from the
+  base's exact float32 log-probabilities (llama-perplexity stores them as uint16 and
+  drops those below -16, so its figures differ from ours by a few parts in 10^4);
+- "same top p": the fraction of tokens where both models' most likely token agree;
+- Δp = q(next token) - p(next token); mean and RMS.
+
+Why evaluate chunk by chunk instead of caching the base's logits: a 262k-token
+vocabulary makes the base's log-probabilities 0.5 MB per token (llama-perplexity's
+file is 1.07 GB for 8 chunks of 512). Here the base and every quantized model are
+loaded side by side and each chunk is decoded by all of them in the same small
+blocks of rows, so only one block of logits per model exists at any time and
+nothing goes to disk. Memory beyond the (memory-mapped) weights, per model: its KV
+cache (``n_ctx`` cells) and llama.cpp's compute and output buffers, which grow with
+``rows x n_vocab x 4`` bytes each (``n_outputs_max`` caps them at ``rows``); plus four
+``rows x n_vocab`` float32 arrays for the numpy side. ``rows`` defaults to what fits
+:data:`DEFAULT_BLOCK_MB` (32 rows for a 262k vocabulary: 32 MiB per array).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from imatrix.errors import ImatrixError
+from imatrix.formats import atomic_output
+from imatrix.qtypes import QUANT_TYPES
+
+log = logging.getLogger(__name__)
+
+#: numpy working memory per array of logits rows (four such arrays are live)
+DEFAULT_BLOCK_MB = 32
+
+#: column order of the summary table (one row per model)
+SUMMARY_COLUMNS = [
+    "model",
+    "type",
+    "imatrix",
+    "is_base",
+    "file_size",
+    "n_params",
+    "bpw",
+    "ppl",
+    "ppl_err",
+    "ln_ppl_ratio",
+    "kld_mean",
+    "kld_err",
+    "kld_median",
+    "kld_p99",
+    "kld_max",
+    "same_top_p",
+    "mean_dp",
+    "rms_dp",
+    "n_tokens",
+    "n_chunks",
+    "n_ctx",
+    "path",
+    "base",
+    "imatrix_file",
+    "text",
+]
+
+_ALIASES = {"Q3_K", "Q4_K", "Q5_K", "COPY"}
+_FTYPE_NAMES = {v: k for k, v in reversed(QUANT_TYPES.items()) if k not in _ALIASES}
+
+
+# ---------------------------------------------------------------------------
+# numerics on blocks of logits rows
+
+
+KLD_METHODS = ("exact", "llama")
+
+
+@dataclass
+class BaseBlock:
+    """The base model's distribution over one block of scored positions."""
+
+    logp: np.ndarray  # [r, V] float32, log-probabilities
+    p: np.ndarray  # [r, V] float32, probabilities (0 where llama-perplexity drops them)
+    nll: np.ndarray  # [r] float64, -log p(next token)
+    top: np.ndarray  # [r] int64, most likely token
+
+
+def _log_softmax_inplace(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Turn logits rows ``x`` into log-probabilities in place; ``scratch`` is left holding
+    ``exp(x - max)``. Returns the float64 row sums of ``scratch``.
+
+    Shifts by the row maximum first (llama-perplexity's stabilisation); the sums
+    accumulate in float64.
+    """
+    x -= x.max(axis=1, keepdims=True)
+    np.exp(x, out=scratch)
+    sums = scratch.sum(axis=1, dtype=np.float64)
+    x -= np.log(sums).astype(np.float32)[:, None]
+    return sums
+
+
+def base_block(
+    logits: np.ndarray, targets: np.ndarray, p_buf: np.ndarray, method: str = "exact"
+) -> BaseBlock:
+    """The base's log-probabilities (computed in place in ``logits``), probabilities (in
+    ``p_buf``), nll of the next tokens and top tokens for one block.
+
+    ``method="llama"`` reproduces what llama-perplexity compares against: the base's
+    log-probabilities as it stores them in its ``--kl-divergence-base`` file (uint16
+    steps over the 16 nats below the top logit) and probabilities below e^-16 dropped.
+    """
+    r = logits.shape[0]
+    x, p = logits, p_buf[:r]
+    rows = np.arange(r)
+    if method == "exact":
+        top = np.argmax(x, axis=1)
+        sums = _log_softmax_inplace(x, p)
+        p /= sums.astype(np.float32)[:, None]
+    elif method == "llama":
+        mx = x.max(axis=1)
+        mn = np.maximum(x.min(axis=1), mx - np.float32(16))
+        np.subtract(x, mx[:, None], out=p)
+        np.exp(p, out=p)
+        lse = np.log(p.sum(axis=1, dtype=np.float64)).astype(np.float32)
+        scale = ((mx - mn) / np.float32(65535)).astype(np.float32)
+        min_log_prob = (mn - mx - lse).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(scale > 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
+        # the stored uint16 steps, as float32 (exact for integers below 2^24)
+        np.subtract(x, mn[:, None], out=p)
+        p *= inv[:, None]
+        np.rint(p, out=p)
+        p[x <= mn[:, None]] = 0
+        np.multiply(p, scale[:, None], out=x)
+        x += min_log_prob[:, None]
+        top = np.argmax(x, axis=1)
+        np.exp(x, out=p)
+        p[x <= np.float32(-16)] = 0
+    else:
+        raise ImatrixError(f"unknown KLD method '{method}' (use {' or '.join(KLD_METHODS)})")
+    nll = -x[rows, targets].astype(np.float64)
+    return BaseBlock(x, p, nll, top)
+
+
+@dataclass
+class BlockStats:
+    """Per-token results of one quantized model on one block."""
+
+    nll: np.ndarray  # float64 [r]
+    kld: np.ndarray  # float64 [r]
+    dp: np.ndarray  # float64 [r]
+    same_top: np.ndarray  # bool [r]
+
+
+def compare_block(
+    logits: np.ndarray, targets: np.ndarray, base: BaseBlock, work_buf: np.ndarray
+) -> BlockStats:
+    """KLD(base || quant) over the whole vocabulary, nll, Δp and top-token agreement.
+
+    ``logits`` (the quantized model's, overwritten with its log-probabilities) and
+    ``work_buf`` are the only memory used. The KLD is summed as ``p (log p - log q)``
+    term by term (not as cross-entropy minus entropy) so that small divergences are
+    not lost to cancellation.
+    """
+    r = logits.shape[0]
+    work = work_buf[:r]
+    top = np.argmax(logits, axis=1)
+    _log_softmax_inplace(logits, work)
+    np.subtract(base.logp, logits, out=work)
+    work *= base.p
+    kld = work.sum(axis=1, dtype=np.float64)
+    nll = -logits[np.arange(r), targets].astype(np.float64)
+    dp = np.exp(-nll) - np.exp(-base.nll)
+    return BlockStats(nll, kld, dp, top == base.top)
+
+
+# ---------------------------------------------------------------------------
+# accumulation and summaries
+
+
+@dataclass
+class Accumulator:
+    """All per-token values of one model (a few floats per scored token)."""
+
+    nll: list[np.ndarray] = field(default_factory=list)
+    kld: list[np.ndarray] = field(default_factory=list)
+    dp: list[np.ndarray] = field(default_factory=list)
+    same_top: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, s: BlockStats) -> None:
+        self.nll.append(s.nll)
+        self.kld.append(s.kld)
+        self.dp.append(s.dp)
+        self.same_top.append(s.same_top)
+
+
+def _mean_err(x: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error, as llama-perplexity's ``mean_and_uncertainty``."""
+    n = x.size
+    if n == 0:
+        return 0.0, 0.0
+    f = float(x.mean())
+    var = float(np.mean(x * x)) - f * f
+    return f, (math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0)
+
+
+def summarize(acc: Accumulator, base_nll: np.ndarray) -> dict[str, float]:
+    """The statistics llama-perplexity prints, from per-token values."""
+    nll = np.concatenate(acc.nll)
+    kld = np.concatenate(acc.kld)
+    dp = np.concatenate(acc.dp)
+    top = np.concatenate(acc.same_top)
+    lp, lp_err = _mean_err(nll)
+    kl, kl_err = _mean_err(kld)
+    return {
+        "ppl": math.exp(lp),
+        "ppl_err": math.exp(lp) * lp_err,
+        "ln_ppl_ratio": lp - float(base_nll.mean()),
+        "kld_mean": kl,
+        "kld_err": kl_err,
+        "kld_median": float(np.median(kld)),
+        "kld_p99": float(np.percentile(kld, 99.0)),
+        "kld_max": float(kld.max()),
+        "same_top_p": float(top.mean()),
+        "mean_dp": float(dp.mean()),
+        "rms_dp": float(np.sqrt(np.mean(dp * dp))),
+        "n_tokens": int(nll.size),
+    }
+
+
+def base_summary(base_nll: np.ndarray) -> dict[str, float]:
+    lp, lp_err = _mean_err(base_nll)
+    return {
+        "ppl": math.exp(lp),
+        "ppl_err": math.exp(lp) * lp_err,
+        "ln_ppl_ratio": 0.0,
+        "kld_mean": 0.0,
+        "kld_err": 0.0,
+        "kld_median": 0.0,
+        "kld_p99": 0.0,
+        "kld_max": 0.0,
+        "same_top_p": 1.0,
+        "mean_dp": 0.0,
+        "rms_dp": 0.0,
+        "n_tokens": int(base_nll.size),
+    }
+
+
+# ---------------------------------------------------------------------------
+# models
+
+
+@dataclass
+class ModelFacts:
+    """What the summary says about a model file besides its quality."""
+
+    path: Path
+    name: str
+    type: str
+    imatrix_file: str | None
+    file_size: int
+    n_params: int
+    bpw: float
+
+
+def _split_files(path: Path) -> list[Path]:
+    """All shards of a split model (``X-00001-of-00003.gguf``), else the file itself."""
+    name = path.name
+    if len(name) > 20 and name.endswith(".gguf") and name[-20] == "-" and name[-14:-10] == "-of-":
+        stem, total = name[:-20], name[-10:-5]
+        if total.isdigit():
+            shards = [
+                path.with_name(f"{stem}-{i:05d}-of-{total}.gguf") for i in range(1, int(total) + 1)
+            ]
+            if all(s.is_file() for s in shards):
+                return shards
+    return [path]
+
+
+def model_facts(model) -> ModelFacts:
+    """Type (from ``general.file_type``), imatrix use (``quantize.imatrix.file``),
+    file size and bits per weight (tensor bytes x 8 / parameters, as llama.cpp prints)."""
+    import llama_cpp
+
+    ftype_s = model.meta("general.file_type")
+    try:
+        ftype = int(ftype_s) & ~1024 if ftype_s is not None else None
+    except ValueError:
+        ftype = None
+    qtype = _FTYPE_NAMES.get(ftype, f"ftype{ftype}") if ftype is not None else "unknown"
+    n_params = int(llama_cpp.llama_model_n_params(model.ptr))
+    size = int(llama_cpp.llama_model_size(model.ptr))
+    files = _split_files(model.path)
+    return ModelFacts(
+        path=model.path,
+        name=model.path.name.removesuffix(".gguf"),
+        type=qtype,
+        imatrix_file=model.meta("quantize.imatrix.file"),
+        file_size=sum(f.stat().st_size for f in files),
+        n_params=n_params,
+        bpw=size * 8.0 / n_params if n_params else float("nan"),
+    )
+
+
+def chunk_tokens(tokens: np.ndarray, n_ctx: int, n_chunks: int, bos: int | None) -> np.ndarray:
+    """``[n_chunks, n_ctx]`` token windows, the first of each replaced by BOS when the
+    model adds one (llama-perplexity does this in place for every chunk)."""
+    out = tokens[: n_chunks * n_ctx].reshape(n_chunks, n_ctx).copy()
+    if bos is not None:
+        out[:, 0] = bos
+    return out
+
+
+def default_rows(n_vocab: int, n_scored: int, block_mb: float = DEFAULT_BLOCK_MB) -> int:
+    """Logits rows per block so that one ``rows x n_vocab`` float32 array fits ``block_mb``."""
+    rows = int(block_mb * 2**20 // (4 * max(n_vocab, 1)))
+    return max(1, min(rows, n_scored))
+
+
+# ---------------------------------------------------------------------------
+# the evaluation
+
+
+def evaluate(
+    base: str | os.PathLike[str],
+    quants: Sequence[str | os.PathLike[str]],
+    text: str | os.PathLike[str],
+    *,
+    n_ctx: int = 512,
+    chunks: int | None = None,
+    threads: int | None = None,
+    rows: int | None = None,
+    n_gpu_layers: int = -1,
+    parse_special: bool = False,
+    kld_method: str = "exact",
+) -> pd.DataFrame:
+    """Evaluate ``quants`` against ``base`` on the text file ``text``.
+
+    Returns one row per model (the base first, ``is_base`` True, KLD 0) with the
+    columns :data:`SUMMARY_COLUMNS`. ``n_ctx`` and ``chunks`` mean what ``-c`` and
+    ``--chunks`` mean to llama-perplexity (the text must give at least two chunks);
+    ``rows`` is the block size (logits rows decoded and compared at once), default
+    from :func:`default_rows`. Raises :class:`ImatrixError` for a text that is too
+    short, a model that does not load, or models with different vocabularies.
+    """
+    from tqdm import tqdm
+
+    from imatrix.llama_api import Batch, Context, load_model, tokenize
+    from imatrix.tokenize import read_text
+
+    if n_ctx < 4:
+        raise ImatrixError(f"context size must be at least 4, got {n_ctx}")
+    if chunks is not None and chunks <= 0:
+        raise ImatrixError(f"--chunks must be positive, got {chunks}")
+    if not quants:
+        raise ImatrixError("nothing to evaluate: give at least one quantized model")
+    if kld_method not in KLD_METHODS:
+        raise ImatrixError(f"unknown KLD method '{kld_method}' (use {' or '.join(KLD_METHODS)})")
+    data = read_text(text)
+    models = []
+    contexts = []
+    try:
+        bm = load_model(base, n_gpu_layers=n_gpu_layers)
+        models.append(bm)
+        tokens = tokenize(bm, data, add_special=True, parse_special=parse_special)
+        if tokens.size < 2 * n_ctx:
+            raise ImatrixError(
+                f"{text}: tokenizes to only {tokens.size} tokens; at least {2 * n_ctx} are "
+                f"needed for a context of {n_ctx}"
+            )
+        n_max = tokens.size // n_ctx
+        n_chunks = n_max if chunks is None else min(chunks, n_max)
+        for q in quants:
+            qm = load_model(q, n_gpu_layers=n_gpu_layers)
+            models.append(qm)
+            if qm.n_vocab != bm.n_vocab:
+                raise ImatrixError(
+                    f"{q}: vocabulary of {qm.n_vocab} tokens differs from the base's "
+                    f"{bm.n_vocab} ({base})"
+                )
+        n_vocab = bm.n_vocab
+        first = n_ctx // 2
+        n_scored = n_ctx - 1 - first
+        r = rows if rows else default_rows(n_vocab, n_scored)
+        r = max(1, min(r, n_scored))
+        for m in models:
+            contexts.append(
+                Context(
+                    m,
+                    n_ctx=n_ctx,
+                    n_batch=n_ctx,
+                    n_ubatch=min(512, n_ctx),
+                    n_seq_max=1,
+                    n_threads=threads,
+                    n_outputs_max=r,
+                )
+            )
+        log.info(
+            "evaluating %d model(s) against %s: %d chunks of %d tokens, %d scored per chunk, "
+            "blocks of %d rows x %d vocabulary",
+            len(quants),
+            base,
+            n_chunks,
+            n_ctx,
+            n_scored,
+            r,
+            n_vocab,
+        )
+        p_buf = np.empty((r, n_vocab), dtype=np.float32)
+        work_buf = np.empty((r, n_vocab), dtype=np.float32)
+        windows = chunk_tokens(tokens, n_ctx, n_chunks, bm.bos if bm.add_bos else None)
+        batch = Batch(n_ctx)
+        base_nll: list[np.ndarray] = []
+        accs = [Accumulator() for _ in quants]
+        for c in tqdm(range(n_chunks), desc="evaluate", unit="chunk", disable=None):
+            win = windows[c]
+            # the true next tokens come from the text, not the BOS-patched window
+            targets_all = tokens[c * n_ctx + first + 1 : c * n_ctx + n_ctx]
+            for ctx in contexts:
+                ctx.clear()
+            start = 0
+            for lo in range(first, first + n_scored, r):
+                hi = min(lo + r, first + n_scored)
+                pos = np.arange(start, hi, dtype=np.int32)
+                want = pos >= lo
+                targets = targets_all[lo - first : hi - first]
+                contexts[0].decode_tokens(batch, win[start:hi], pos, 0, want)
+                bb = base_block(contexts[0].logits(hi - lo), targets, p_buf, kld_method)
+                base_nll.append(bb.nll)
+                for ctx, acc in zip(contexts[1:], accs, strict=True):
+                    ctx.decode_tokens(batch, win[start:hi], pos, 0, want)
+                    acc.add(compare_block(ctx.logits(hi - lo), targets, bb, work_buf))
+                start = hi
+        bnll = np.concatenate(base_nll)
+        facts = [model_facts(m) for m in models]
+    finally:
+        for ctx in contexts:
+            ctx.close()
+        for m in models:
+            m.close()
+    rows_out = []
+    common = {"n_chunks": n_chunks, "n_ctx": n_ctx, "base": str(base), "text": str(text)}
+    for i, f in enumerate(facts):
+        stats = base_summary(bnll) if i == 0 else summarize(accs[i - 1], bnll)
+        rows_out.append(
+            {
+                "model": f.name,
+                "type": f.type,
+                "imatrix": f.imatrix_file is not None,
+                "is_base": i == 0,
+                "file_size": f.file_size,
+                "n_params": f.n_params,
+                "bpw": f.bpw,
+                **stats,
+                **common,
+                "path": str(f.path),
+                "imatrix_file": f.imatrix_file,
+            }
+        )
+    return pd.DataFrame(rows_out, columns=SUMMARY_COLUMNS)
+
+
+def write_summary(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write the summary table as Parquet, atomically."""
+    out = Path(path)
+    with atomic_output(out) as tmp:
+        df.to_parquet(tmp, index=False)
+    return out
+
+
+def merge_summaries(
+    paths: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str] | None = None
+) -> pd.DataFrame:
+    """Concatenate per-quant summaries (one evaluate run each) into one table.
+
+    The base row each run repeats is kept once per base model and text (the first);
+    rows are ordered base first, then by bits per weight. Written atomically to
+    ``output`` when given.
+    """
+    frames = []
+    for p in paths:
+        try:
+            frames.append(pd.read_parquet(p))
+        except FileNotFoundError:
+            raise ImatrixError(f"{p}: no such summary file") from None
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise ImatrixError(f"{p}: not a readable Parquet summary: {exc}") from None
+    if not frames:
+        raise ImatrixError("no summaries to merge")
+    df = pd.concat(frames, ignore_index=True)
+    missing = [c for c in SUMMARY_COLUMNS if c not in df.columns]
+    if missing:
+        raise ImatrixError(f"summary lacks columns {missing}")
+    df = df.drop_duplicates(subset=["path", "base", "text", "n_ctx", "n_chunks"], keep="first")
+    df = df.sort_values(["is_base", "bpw"], ascending=[False, True], kind="stable")
+    df = df.reset_index(drop=True)[SUMMARY_COLUMNS]
+    if output is not None:
+        write_summary(df, output)
+    return df
