@@ -35,6 +35,7 @@ would. The output is written once, atomically, at the end; then the checkpoint g
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from imatrix import ggml
+from imatrix.activations import ColumnSums
 from imatrix.constants import PROVENANCE_PREFIX
 from imatrix.errors import ImatrixError
 from imatrix.formats import (
@@ -59,7 +61,7 @@ from imatrix.formats import (
     write_imatrix,
 )
 from imatrix.gguf_io import read_gguf
-from imatrix.llama_api import Batch, Context, load_model
+from imatrix.llama_api import Batch, Context, default_threads, gpu_offload_supported, load_model
 from imatrix.model import Entry, ImatrixData, Provenance
 from imatrix.perplexity import Perplexity, token_nll
 
@@ -116,6 +118,8 @@ class Collector:
         process_output: bool = False,
         entries: dict[str, Entry] | None = None,
         trace: bool = False,
+        threads: int = 1,
+        reuse_inputs: bool = False,
     ) -> None:
         layout = ggml.check_layout()
         self._op_mm = layout.op_mul_mat
@@ -131,6 +135,17 @@ class Collector:
         self._scratch: dict[int, np.ndarray] = {}
         self.chunk = 0  # for trace messages
         self.n_observed = 0
+        self.n_reused = 0
+        self.summer = ColumnSums(threads)
+        #: reuse column sums of an input shared by consecutive nodes (CPU backend only)
+        self.reuse_inputs = reuse_inputs
+        self._cache: tuple[tuple, list[tuple[int, int]], object] | None = None
+
+    def close(self) -> None:
+        self.summer.close()
+
+    def reset_cache(self) -> None:
+        self._cache = None
 
     # -- callback ---------------------------------------------------------------
 
@@ -142,6 +157,8 @@ class Collector:
         return name != self.stop_after
 
     def _ask(self, t: ggml.GGMLTensor) -> bool:
+        if self._cache is not None and t.data:
+            self._invalidate_if_written(t)
         op = t.op
         if op == self._op_mmid:
             return True
@@ -159,24 +176,63 @@ class Collector:
     def _wanted(self, name: str) -> bool:
         return name.startswith("blk.") or (self.process_output and name == "output.weight")
 
+    # -- shared inputs ------------------------------------------------------------------
+    #
+    # q/k/v (and gate/up, and the experts' gate/up) multiply the same input tensor one
+    # after the other. Its column sums are computed once and reused while the memory
+    # they were read from provably holds the same data: every node is asked about
+    # before it is computed, so a node whose output overlaps that memory drops the
+    # cache first. Only on the CPU backend (a single split, no scheduler copies that
+    # are written without being asked about) and for host memory.
+
+    def _invalidate_if_written(self, t: ggml.GGMLTensor) -> None:
+        lo = int(t.data)
+        hi = lo + int(ggml.libggml_base().ggml_nbytes(ggml.ctypes.addressof(t)))
+        assert self._cache is not None
+        if any(lo < b and a < hi for a, b in self._cache[1]):
+            self._cache = None
+
+    def _cache_get(self, key: tuple) -> object | None:
+        c = self._cache
+        if c is not None and c[0] == key:
+            self.n_reused += 1
+            return c[2]
+        return None
+
+    def _cache_put(self, key: tuple, ranges: list[tuple[int, int]], value: object) -> None:
+        if self.reuse_inputs:
+            self._cache = (key, ranges, value)
+
+    @staticmethod
+    def _key(t: ggml.GGMLTensor) -> tuple:
+        return (ggml.ctypes.addressof(t), t.data, tuple(t.ne), tuple(t.nb))
+
+    def _host_range(self, t: ggml.GGMLTensor) -> tuple[int, int] | None:
+        lib = ggml.libggml_base()
+        if not t.data or (t.buffer and not lib.ggml_backend_buffer_is_host(t.buffer)):
+            return None
+        lo = int(t.data)
+        return lo, lo + int(lib.ggml_nbytes(ggml.ctypes.addressof(t)))
+
+    # -- observation --------------------------------------------------------------------
+
     def _observe(self, t: ggml.GGMLTensor) -> str:
         src0 = ggml.tensor(t.src[0])
         src1 = ggml.tensor(t.src[1])
         name = ggml.filter_name(src0.name)
         if src1.nb[0] != 4:
             raise ImatrixError(f"tensor '{name}': activations are not contiguous float32 rows")
-        x = ggml.host_array(src1, np.dtype(np.float32), self._scratch)
         if t.op == self._op_mmid:
-            rows = self._observe_moe(name, src0, src1, x, ggml.tensor(t.src[2]))
+            rows = self._observe_moe(name, src0, src1, ggml.tensor(t.src[2]))
         else:
-            rows = self._observe_dense(name, src0, src1, x)
+            rows = self._observe_dense(name, src0, src1)
         self.n_observed += 1
         if self.learning:
             self._seq.append(name)
             self._rows[name] = self._rows.get(name, 0) + rows
         return name
 
-    def _observe_dense(self, name: str, src0, src1, x: np.ndarray) -> int:
+    def _observe_dense(self, name: str, src0, src1) -> int:
         ne0 = int(src1.ne[0])
         ne02, ne03 = int(src0.ne[2]), int(src0.ne[3])
         n_mat = ne02 * ne03
@@ -204,25 +260,37 @@ class Collector:
             )
         vals = acc.values.reshape(n_mat, ne0)
         sums = None if acc.sums is None else acc.sums.reshape(n_mat, ne0)
-        ne12, ne13 = x.shape[1], x.shape[0]
-        for i3 in range(ne13):
-            for i2 in range(ne12):
-                mat = (i3 % ne03) * ne02 + (i2 % ne02)
-                x64 = x[i3, i2].astype(np.float64)
-                sq = np.einsum("ij,ij->j", x64, x64)
-                if not np.all(np.isfinite(sq)):
-                    raise ImatrixError(
-                        f"non-finite activations (NaN or Inf) in the input of '{name}'"
-                    )
-                vals[mat] += sq
-                if sums is not None:
-                    sums[mat] += np.add.reduce(x64, axis=0)
-        nrows = int(src1.ne[1] * src1.ne[2] * src1.ne[3])
-        inc = nrows // n_mat
+        ne12, ne13 = int(src1.ne[2]), int(src1.ne[3])
+        key = self._key(src1)
+        hit = self._cache_get(key) if (ne12, ne13, n_mat) == (1, 1, 1) else None
+        if hit is not None:
+            parts = hit
+        else:
+            x = ggml.host_array(src1, np.dtype(np.float32), self._scratch)
+            parts = {}
+            for i3 in range(ne13):
+                for i2 in range(ne12):
+                    sq, sm = self.summer.dense(x[i3, i2])
+                    if not np.all(np.isfinite(sq)):
+                        raise ImatrixError(
+                            f"non-finite activations (NaN or Inf) in the input of '{name}'"
+                        )
+                    mat = (i3 % ne03) * ne02 + (i2 % ne02)
+                    if mat in parts:
+                        parts[mat] = (parts[mat][0] + sq, parts[mat][1] + sm)
+                    else:
+                        parts[mat] = (sq, sm)
+            if (ne12, ne13, n_mat) == (1, 1, 1) and (rng := self._host_range(src1)) is not None:
+                self._cache_put(key, [rng], parts)
+        for mat, (sq, sm) in parts.items():
+            vals[mat] += sq
+            if sums is not None:
+                sums[mat] += sm
+        inc = int(src1.ne[1] * ne12 * ne13) // n_mat
         acc.counts += inc
         return inc
 
-    def _observe_moe(self, name: str, src0, src1, x: np.ndarray, ids_t) -> int:
+    def _observe_moe(self, name: str, src0, src1, ids_t) -> int:
         ne0 = int(src1.ne[0])
         ne11 = int(src1.ne[1])
         n_tokens = int(src1.ne[2])
@@ -250,27 +318,39 @@ class Collector:
             log.info(
                 "collect_imatrix[%d]: %32s, MUL_MAT_ID, %5d x %5d", self.chunk, name, ne0, n_tokens
             )
-        ids = ggml.host_array(ids_t, np.dtype(np.int32), self._scratch)[0, 0]  # [n_tokens, n_ids]
-        flat = np.ascontiguousarray(ids).reshape(-1)
-        if flat.size and (flat.min() < 0 or flat.max() >= n_as):
-            raise ImatrixError(f"tensor '{name}': expert id out of range 0..{n_as - 1}")
-        # row of src1 for (token, slot): broadcast inputs (ne11 == 1) reuse the token's row
-        src_rows = (
-            np.arange(n_tokens)[:, None] * ne11 + (np.arange(n_ids) % ne11)[None, :]
-        ).reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        experts_sorted = flat[order]
-        starts = np.flatnonzero(np.r_[True, experts_sorted[1:] != experts_sorted[:-1]])
-        touched = experts_sorted[starts]
-        rows = x[0].reshape(n_tokens * ne11, ne0)[src_rows[order]].astype(np.float64)
-        vals = acc.values.reshape(n_as, ne0)
-        part = np.add.reduceat(rows * rows, starts, axis=0)
-        if not np.all(np.isfinite(part)):
-            raise ImatrixError(f"non-finite activations (NaN or Inf) in the input of '{name}'")
-        vals[touched] += part
+        key = (*self._key(src1), *self._key(ids_t), n_as)
+        hit = self._cache_get(key)
+        if hit is not None:
+            touched, sq, sm, counts = hit
+        else:
+            ids = ggml.host_array(ids_t, np.dtype(np.int32), self._scratch)[
+                0, 0
+            ]  # [n_tokens, n_ids]
+            flat = np.ascontiguousarray(ids).reshape(-1)
+            if flat.size and (flat.min() < 0 or flat.max() >= n_as):
+                raise ImatrixError(f"tensor '{name}': expert id out of range 0..{n_as - 1}")
+            x = ggml.host_array(src1, np.dtype(np.float32), self._scratch)
+            # row of src1 for (token, slot): broadcast inputs (ne11 == 1) reuse the token's row
+            src_rows = (
+                np.arange(n_tokens)[:, None] * ne11 + (np.arange(n_ids) % ne11)[None, :]
+            ).reshape(-1)
+            order = np.argsort(flat, kind="stable")
+            experts_sorted = flat[order]
+            starts = np.flatnonzero(np.r_[True, experts_sorted[1:] != experts_sorted[:-1]])
+            touched = experts_sorted[starts]
+            sq, sm = self.summer.grouped(
+                x[0].reshape(n_tokens * ne11, ne0), src_rows[order], starts
+            )
+            if not np.all(np.isfinite(sq)):
+                raise ImatrixError(f"non-finite activations (NaN or Inf) in the input of '{name}'")
+            counts = np.bincount(flat, minlength=n_as)
+            r1, r2 = self._host_range(src1), self._host_range(ids_t)
+            if r1 is not None and r2 is not None:
+                self._cache_put(key, [r1, r2], (touched, sq, sm, counts))
+        acc.values.reshape(n_as, ne0)[touched] += sq
         if acc.sums is not None:
-            acc.sums.reshape(n_as, ne0)[touched] += np.add.reduceat(rows, starts, axis=0)
-        acc.counts += np.bincount(flat, minlength=n_as)
+            acc.sums.reshape(n_as, ne0)[touched] += sm
+        acc.counts += counts
         return n_tokens
 
     # -- early stop -------------------------------------------------------------------
@@ -318,7 +398,9 @@ class CollectResult:
     first_chunk: int
     last_chunk: int
     n_tokens: int
+    #: whole call (model load included) and the chunk loop alone
     seconds: float
+    compute_seconds: float
     #: True when graphs were cut after the last needed tensor
     stopped_early: bool
     resumed_from: int | None = None
@@ -430,6 +512,7 @@ def collect(
     in_data: ImatrixData | None = None,
     resume: bool = False,
     stop_early: bool | None = None,
+    reuse_inputs: bool | None = None,
     progress: bool | None = None,
     verbosity: int = 1,
     on_chunk: Callable[[int, float | None], None] | None = None,
@@ -452,7 +535,9 @@ def collect(
     continues from an existing checkpoint made with the same settings. ``stop_early``:
     None lets the collector cut graphs after the last needed tensor whenever nothing
     needs logits; False never does (True is the same as None: it is never done when
-    logits are needed). ``on_chunk(k, running_ppl)`` is called after each chunk.
+    logits are needed). ``reuse_inputs``: compute the sums of an input shared by
+    consecutive matrices once (None: on the CPU backend only). ``on_chunk(k,
+    running_ppl)`` is called after each chunk.
     """
     t0 = time.perf_counter()
     if output_format not in FORMATS:
@@ -524,11 +609,20 @@ def collect(
         data.chunk_count = data.derived_chunk_count()
         return data
 
-    collector = Collector(process_output=process_output, entries=entries, trace=verbosity >= 2)
+    n_threads = threads if threads and threads > 0 else default_threads()
+    if reuse_inputs is None:
+        reuse_inputs = n_gpu_layers == 0 or not gpu_offload_supported()
+    collector = Collector(
+        process_output=process_output,
+        entries=entries,
+        trace=verbosity >= 2,
+        threads=n_threads,
+        reuse_inputs=reuse_inputs,
+    )
     may_stop = stop_early is not False and not compute_ppl and not process_output
     outputs: list[Path] = []
     n_done_tokens = 0
-    with load_model(model, n_gpu_layers=n_gpu_layers) as m:
+    with contextlib.closing(collector), load_model(model, n_gpu_layers=n_gpu_layers) as m:
         if m.add_eos:
             raise ImatrixError(
                 f"{model}: the model adds EOS tokens; llama-imatrix refuses such models"
@@ -540,7 +634,7 @@ def collect(
             n_batch=n_batch_eff,
             n_ubatch=n_ubatch,
             n_seq_max=n_seq,
-            n_threads=threads,
+            n_threads=n_threads,
             cb_eval=collector,
         ) as ctx:
             if n_kv > m.n_ctx_train:
@@ -564,6 +658,7 @@ def collect(
             )
             bar = _progress(total * n_ctx, progress)
             learn_attempts = 0
+            t_loop = time.perf_counter()
             try:
                 for g0 in range(start, last, n_seq):
                     n_seq_batch = min(n_seq, last - g0)
@@ -590,6 +685,7 @@ def collect(
                         if learning:
                             collector.start_learning()
                             learn_attempts += 1
+                        collector.reset_cache()
                         ctx.decode(batch)
                         if learning:
                             collector.finish_learning(batch.n_tokens)
@@ -642,6 +738,13 @@ def collect(
             finally:
                 if bar is not None:
                     bar.close()
+            ctx.synchronize()
+            compute_seconds = time.perf_counter() - t_loop
+            log.debug(
+                "%d tensors observed, %d of them reused a shared input's sums",
+                collector.n_observed,
+                collector.n_reused,
+            )
     data = make_data(collector, None)
     if output is not None:
         write_imatrix(data, output, output_format=output_format, compat=compat)
@@ -660,6 +763,7 @@ def collect(
         last_chunk=last,
         n_tokens=n_done_tokens,
         seconds=time.perf_counter() - t0,
+        compute_seconds=compute_seconds,
         stopped_early=collector.stop_after is not None,
         resumed_from=resumed_from,
         outputs=outputs,

@@ -135,6 +135,12 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def gpu_offload_supported() -> bool:
+    """Whether this llama.cpp build can offload to a GPU (``llama_supports_gpu_offload``)."""
+    init_backend()
+    return bool(_llama().llama_supports_gpu_offload())
+
+
 # ---------------------------------------------------------------------------
 # model
 

@@ -1,0 +1,97 @@
+"""Column sums of activations in float64: the collector's inner loop, kept fast.
+
+For every observed matrix multiplication the collector needs, per input channel,
+the sum of squares and the plain sum of the activation rows (per expert for MoE),
+accumulated in float64. numpy does not fuse ``astype -> square -> sum``, so done
+naively each step streams a float64 copy of the whole activation matrix through
+memory. Here the rows are processed in blocks that stay in the CPU cache, and the
+columns are split across threads (numpy releases the GIL in these loops) while
+llama.cpp's own threads wait for the callback to return.
+"""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+#: float64 bytes per row block: small enough to stay in a core's L2 cache
+_BLOCK_BYTES = 256 * 1024
+#: below this many elements a second thread costs more than it saves
+_PARALLEL_MIN = 1 << 16
+
+
+def _dense_part(x: np.ndarray, sq: np.ndarray, s: np.ndarray, block: int) -> None:
+    for i in range(0, x.shape[0], block):
+        b = x[i : i + block].astype(np.float64)
+        s += np.add.reduce(b, axis=0)
+        np.multiply(b, b, out=b)
+        sq += np.add.reduce(b, axis=0)
+
+
+def _grouped_part(
+    x: np.ndarray, rows: np.ndarray, starts: np.ndarray, sq: np.ndarray, s: np.ndarray
+) -> None:
+    b = x[rows].astype(np.float64)
+    s += np.add.reduceat(b, starts, axis=0)
+    np.multiply(b, b, out=b)
+    sq += np.add.reduceat(b, starts, axis=0)
+
+
+class ColumnSums:
+    """Computes ``(sum of x**2, sum of x)`` over rows, in float64, with ``threads`` threads."""
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = max(1, int(threads))
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+
+    def _slices(self, n_cols: int, n_elems: int) -> list[slice]:
+        k = self.threads if self._pool is not None and n_elems >= _PARALLEL_MIN else 1
+        k = min(k, max(1, n_cols // 64))
+        edges = [round(i * n_cols / k / 16) * 16 for i in range(k)] + [n_cols]
+        return [slice(a, b) for a, b in itertools.pairwise(edges) if b > a]
+
+    def dense(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Column sums of a 2-D float32 array ``[rows, cols]``."""
+        c = x.shape[1]
+        sq = np.zeros(c)
+        s = np.zeros(c)
+        parts = self._slices(c, x.size)
+        # row blocks depend on the full width only: the same sums whatever the threads
+        block = max(1, _BLOCK_BYTES // (8 * max(c, 1)))
+        futures = (
+            [self._pool.submit(_dense_part, x[:, p], sq[p], s[p], block) for p in parts[1:]]
+            if self._pool is not None
+            else []
+        )
+        _dense_part(x[:, parts[0]], sq[parts[0]], s[parts[0]], block)
+        for f in futures:
+            f.result()
+        return sq, s
+
+    def grouped(
+        self, x: np.ndarray, rows: np.ndarray, starts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Column sums of ``x[rows]`` per segment ``[starts[i], starts[i+1])`` of ``rows``."""
+        c = x.shape[1]
+        sq = np.zeros((starts.size, c))
+        s = np.zeros((starts.size, c))
+        parts = self._slices(c, rows.size * c)
+        futures = (
+            [
+                self._pool.submit(_grouped_part, x[:, p], rows, starts, sq[:, p], s[:, p])
+                for p in parts[1:]
+            ]
+            if self._pool is not None
+            else []
+        )
+        _grouped_part(x[:, parts[0]], rows, starts, sq[:, parts[0]], s[:, parts[0]])
+        for f in futures:
+            f.result()
+        return sq, s
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
