@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imatrix import ggml
+from imatrix import faults, ggml
 from imatrix.activations import ColumnSums
 from imatrix.constants import PROVENANCE_PREFIX
 from imatrix.errors import ImatrixError
@@ -56,7 +56,9 @@ from imatrix.formats import (
     FORMAT_GGUF,
     FORMATS,
     atomic_write,
+    check_writable,
     read_imatrix,
+    remove_stale_temporaries,
     to_gguf_bytes,
     write_imatrix,
 )
@@ -64,6 +66,7 @@ from imatrix.gguf_io import read_gguf
 from imatrix.llama_api import Batch, Context, default_threads, gpu_offload_supported, load_model
 from imatrix.model import Entry, ImatrixData, Provenance
 from imatrix.perplexity import Perplexity, token_nll
+from imatrix.writelock import exclusive_writer
 
 log = logging.getLogger(__name__)
 
@@ -461,16 +464,60 @@ def _signature(
     }
 
 
+class CorruptCheckpoint(ImatrixError):
+    """A checkpoint that cannot be trusted (truncated, damaged, not a checkpoint): a
+    resuming run ignores it with a warning and starts over."""
+
+
+def _checkpoint_digest(data: ImatrixData, state: dict) -> str:
+    """sha256 over everything a resume takes from a checkpoint: the state (exact
+    counts, perplexity, settings), the chunk reached, the datasets, and the float32
+    sums and counts exactly as the file stores them. A damaged file that still parses
+    fails this check."""
+    h = hashlib.sha256()
+    meta = {
+        "state": state,
+        "chunk_reached": data.provenance.chunk_reached,
+        "datasets": list(data.datasets),
+    }
+    h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(data.entries):
+        e = data.entries[name]
+        h.update(name.encode("utf-8") + b"\0")
+        for arr in (e.values, e.counts, e.sums):
+            if arr is not None:
+                h.update(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
 def _load_checkpoint(path: Path, signature: dict) -> tuple[ImatrixData, int, dict]:
-    data = read_imatrix(path)
-    g = read_gguf(path, load_data=False)
+    """Data, chunk reached and state of a checkpoint made with ``signature``.
+
+    Raises :class:`CorruptCheckpoint` for a file that cannot be trusted and
+    :class:`ImatrixError` for a sound checkpoint of other settings (resuming from it
+    would silently mix two different computations)."""
+    try:
+        data = read_imatrix(path)
+        g = read_gguf(path, load_data=False)
+    except ImatrixError as exc:
+        raise CorruptCheckpoint(f"ignoring unusable checkpoint {exc}") from exc
     raw = g.get(KEY_CHECKPOINT_STATE)
     if raw is None or data.provenance.chunk_reached is None:
-        raise ImatrixError(f"{path}: not a collector checkpoint (no '{KEY_CHECKPOINT_STATE}' key)")
+        raise CorruptCheckpoint(
+            f"ignoring {path}: not a collector checkpoint (no '{KEY_CHECKPOINT_STATE}' key)"
+        )
     try:
         state = json.loads(raw)
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
     except ValueError as exc:
-        raise ImatrixError(f"{path}: corrupt checkpoint state ({exc})") from exc
+        raise CorruptCheckpoint(f"ignoring {path}: corrupt checkpoint state ({exc})") from exc
+    digest = state.pop("sha256", None)
+    if digest != _checkpoint_digest(data, state):
+        raise CorruptCheckpoint(
+            f"ignoring {path}: "
+            + ("no checksum" if digest is None else "checksum mismatch (the file is damaged)")
+        )
     theirs = state.get("signature", {})
     diff = sorted(k for k in signature if theirs.get(k) != signature[k])
     if diff:
@@ -573,201 +620,227 @@ def collect(
         process_output=process_output,
         base_datasets=base_datasets,
     )
-    ckpt = checkpoint_path(output) if output is not None else None
-    start = first
-    ppl = Perplexity() if compute_ppl else None
-    entries: dict[str, Entry] = {n: e.copy() for n, e in base.entries.items()} if base else {}
-    resumed_from = None
-    if resume and ckpt is not None and ckpt.is_file():
-        cdata, start, state = _load_checkpoint(ckpt, sig)
-        entries = cdata.entries
-        resumed_from = start
-        if compute_ppl and state.get("ppl") is not None:
-            ppl = Perplexity.from_state(state["ppl"])
-        elif compute_ppl:
-            log.warning(
-                "%s has no perplexity state; perplexity covers only the chunks from %d", ckpt, start
-            )
-        log.info("resuming from %s at chunk %d", ckpt, start)
-    elif ckpt is not None and ckpt.is_file():
-        log.warning("ignoring existing checkpoint %s (no --resume); it will be replaced", ckpt)
-
-    def make_data(coll: Collector, reached: int | None) -> ImatrixData:
-        data = ImatrixData(
-            entries=coll.entries(),
-            datasets=base_datasets + ([dataset] if dataset else []),
-            chunk_size=n_ctx,
-            provenance=Provenance(
-                model_sha256=prov.model_sha256,
-                dataset_sha256=list(base.provenance.dataset_sha256 if base else [])
-                + list(prov.dataset_sha256),
-                tokenizer=prov.tokenizer,
-                version=prov.version,
-                chunk_reached=reached,
-            ),
-        )
-        data.chunk_count = data.derived_chunk_count()
-        return data
-
-    n_threads = threads if threads and threads > 0 else default_threads()
-    if reuse_inputs is None:
-        reuse_inputs = n_gpu_layers == 0 or not gpu_offload_supported()
-    collector = Collector(
-        process_output=process_output,
-        entries=entries,
-        trace=verbosity >= 2,
-        threads=n_threads,
-        reuse_inputs=reuse_inputs,
-    )
-    may_stop = stop_early is not False and not compute_ppl and not process_output
-    outputs: list[Path] = []
-    n_done_tokens = 0
-    with contextlib.closing(collector), load_model(model, n_gpu_layers=n_gpu_layers) as m:
-        if m.add_eos:
-            raise ImatrixError(
-                f"{model}: the model adds EOS tokens; llama-imatrix refuses such models"
-            )
-        add_bos, bos = m.add_bos, m.bos
-        with Context(
-            m,
-            n_ctx=n_kv,
-            n_batch=n_batch_eff,
-            n_ubatch=n_ubatch,
-            n_seq_max=n_seq,
-            n_threads=n_threads,
-            cb_eval=collector,
-        ) as ctx:
-            if n_kv > m.n_ctx_train:
-                log.warning(
-                    "model was trained on only %d context tokens (%d specified)",
-                    m.n_ctx_train,
-                    n_kv,
-                )
-            batch = Batch(n_batch_eff)
-            num_batches = (n_ctx + n_batch_eff - 1) // n_batch_eff
-            first_score = n_ctx // 2
-            total = last - start
-            log.info(
-                "computing over %d chunks (%d to %d), n_ctx=%d, batch_size=%d, n_seq=%d",
-                total,
-                start,
-                last,
-                n_ctx,
-                n_batch_eff,
-                n_seq,
-            )
-            bar = _progress(total * n_ctx, progress)
-            learn_attempts = 0
-            t_loop = time.perf_counter()
-            try:
-                for g0 in range(start, last, n_seq):
-                    n_seq_batch = min(n_seq, last - g0)
-                    tg = time.perf_counter()
-                    cc_prev = _chunk_count(collector, n_ctx)
-                    ctx.clear()
-                    collector.chunk = g0 - first
-                    chunk_nll: list[list[np.ndarray]] = [[] for _ in range(n_seq_batch)]
-                    for j in range(num_batches):
-                        b0 = j * n_batch_eff
-                        bs = min(n_ctx - b0, n_batch_eff)
-                        seq_tok = np.stack(
-                            [
-                                toks[(g0 + s) * n_ctx + b0 : (g0 + s) * n_ctx + b0 + bs]
-                                for s in range(n_seq_batch)
-                            ]
-                        )
-                        if add_bos and j == 0:
-                            seq_tok[:, 0] = bos
-                        pos = np.tile(np.arange(b0, b0 + bs, dtype=np.int32), n_seq_batch)
-                        seq_ids = np.repeat(np.arange(n_seq_batch, dtype=np.int32), bs)
-                        batch.set(seq_tok.reshape(-1), pos, seq_ids, True)
-                        learning = may_stop and collector.stop_after is None and learn_attempts < 3
-                        if learning:
-                            collector.start_learning()
-                            learn_attempts += 1
-                        collector.reset_cache()
-                        ctx.decode(batch)
-                        if learning:
-                            collector.finish_learning(batch.n_tokens)
-                        if ppl is not None:
-                            lo, hi = max(first_score, b0), min(n_ctx - 1, b0 + bs)
-                            if hi > lo:
-                                lg = ctx.logits(batch.n_tokens)
-                                for s in range(n_seq_batch):
-                                    rows = lg[s * bs + lo - b0 : s * bs + hi - b0]
-                                    c0 = (g0 + s) * n_ctx
-                                    chunk_nll[s].append(
-                                        token_nll(rows, toks[c0 + lo + 1 : c0 + hi + 1])
-                                    )
-                    if g0 == start:
-                        dt = time.perf_counter() - tg
-                        eta = dt * math.ceil(total / n_seq)
-                        log.info("%.2f seconds per pass - ETA %s", dt, _fmt_eta(eta))
-                    for s in range(n_seq_batch):
-                        running = None
-                        if ppl is not None:
-                            running = ppl.add_chunk(np.concatenate(chunk_nll[s]))
-                        if on_chunk is not None:
-                            on_chunk(g0 + s, running)
-                    n_done_tokens += n_seq_batch * n_ctx
-                    if bar is not None:
-                        bar.update(n_seq_batch * n_ctx)
-                    reached = g0 + n_seq_batch
-                    done_prev, done_now = g0 - first, reached - first
-                    if output is not None:
-                        if (
-                            reached < last
-                            and output_frequency > 0
-                            and done_now // output_frequency > done_prev // output_frequency
-                        ):
-                            _write_checkpoint(
-                                ckpt, make_data(collector, reached), sig, collector, ppl, verbosity
-                            )
-                            collector.round_to_float32()
-                        if save_frequency > 0:
-                            cc_now = _chunk_count(collector, n_ctx)
-                            if cc_now // save_frequency > cc_prev // save_frequency:
-                                snap = Path(f"{output}.at_{cc_now}")
-                                write_imatrix(
-                                    make_data(collector, None),
-                                    snap,
-                                    output_format=output_format,
-                                    compat=compat,
-                                )
-                                outputs.append(snap)
-            finally:
-                if bar is not None:
-                    bar.close()
-            ctx.synchronize()
-            compute_seconds = time.perf_counter() - t_loop
-            log.debug(
-                "%d tensors observed, %d of them reused a shared input's sums",
-                collector.n_observed,
-                collector.n_reused,
-            )
-    data = make_data(collector, None)
     if output is not None:
-        write_imatrix(data, output, output_format=output_format, compat=compat)
-        outputs.append(Path(output))
-        if ckpt is not None and ckpt.exists():
-            ckpt.unlink()
-    if ppl is not None and ppl.ppl is not None:
-        err = ppl.error
-        (log.debug if on_chunk is not None else log.info)(
-            "final estimate: PPL = %.4f +/- %s", ppl.ppl, "n/a" if err is None else f"{err:.5f}"
+        check_writable(output)  # now, not after hours of work
+    # one writer per output (a rerun while an orphaned job still runs waits for it)
+    with exclusive_writer(output) if output is not None else contextlib.nullcontext():
+        ckpt = checkpoint_path(output) if output is not None else None
+        if output is not None and ckpt is not None:
+            n_stale = remove_stale_temporaries(output) + remove_stale_temporaries(ckpt)
+            if n_stale:
+                log.info("removed %d temporary file(s) left by an interrupted run", n_stale)
+        start = first
+        ppl = Perplexity() if compute_ppl else None
+        entries: dict[str, Entry] = {n: e.copy() for n, e in base.entries.items()} if base else {}
+        resumed_from = None
+        loaded = None
+        if resume and ckpt is not None and ckpt.is_file():
+            try:
+                loaded = _load_checkpoint(ckpt, sig)
+            except CorruptCheckpoint as exc:
+                log.warning("%s; starting from chunk %d", exc, first)
+        if loaded is not None:
+            cdata, start, state = loaded
+            entries = cdata.entries
+            resumed_from = start
+            if compute_ppl and state.get("ppl") is not None:
+                ppl = Perplexity.from_state(state["ppl"])
+            elif compute_ppl:
+                log.warning(
+                    "%s has no perplexity state; perplexity covers only the chunks from %d",
+                    ckpt,
+                    start,
+                )
+            log.info("resuming from %s at chunk %d", ckpt, start)
+        elif not resume and ckpt is not None and ckpt.is_file():
+            log.warning("ignoring existing checkpoint %s (no --resume); it will be replaced", ckpt)
+
+        def make_data(coll: Collector, reached: int | None) -> ImatrixData:
+            data = ImatrixData(
+                entries=coll.entries(),
+                datasets=base_datasets + ([dataset] if dataset else []),
+                chunk_size=n_ctx,
+                provenance=Provenance(
+                    model_sha256=prov.model_sha256,
+                    dataset_sha256=list(base.provenance.dataset_sha256 if base else [])
+                    + list(prov.dataset_sha256),
+                    tokenizer=prov.tokenizer,
+                    version=prov.version,
+                    chunk_reached=reached,
+                ),
+            )
+            data.chunk_count = data.derived_chunk_count()
+            return data
+
+        n_threads = threads if threads and threads > 0 else default_threads()
+        if reuse_inputs is None:
+            reuse_inputs = n_gpu_layers == 0 or not gpu_offload_supported()
+        collector = Collector(
+            process_output=process_output,
+            entries=entries,
+            trace=verbosity >= 2,
+            threads=n_threads,
+            reuse_inputs=reuse_inputs,
         )
-    return CollectResult(
-        data=data,
-        perplexity=ppl,
-        first_chunk=first,
-        last_chunk=last,
-        n_tokens=n_done_tokens,
-        seconds=time.perf_counter() - t0,
-        compute_seconds=compute_seconds,
-        stopped_early=collector.stop_after is not None,
-        resumed_from=resumed_from,
-        outputs=outputs,
-    )
+        may_stop = stop_early is not False and not compute_ppl and not process_output
+        outputs: list[Path] = []
+        n_done_tokens = 0
+        with contextlib.closing(collector), load_model(model, n_gpu_layers=n_gpu_layers) as m:
+            if m.add_eos:
+                raise ImatrixError(
+                    f"{model}: the model adds EOS tokens; llama-imatrix refuses such models"
+                )
+            add_bos, bos = m.add_bos, m.bos
+            with Context(
+                m,
+                n_ctx=n_kv,
+                n_batch=n_batch_eff,
+                n_ubatch=n_ubatch,
+                n_seq_max=n_seq,
+                n_threads=n_threads,
+                cb_eval=collector,
+            ) as ctx:
+                if n_kv > m.n_ctx_train:
+                    log.warning(
+                        "model was trained on only %d context tokens (%d specified)",
+                        m.n_ctx_train,
+                        n_kv,
+                    )
+                batch = Batch(n_batch_eff)
+                num_batches = (n_ctx + n_batch_eff - 1) // n_batch_eff
+                first_score = n_ctx // 2
+                total = last - start
+                log.info(
+                    "computing over %d chunks (%d to %d), n_ctx=%d, batch_size=%d, n_seq=%d",
+                    total,
+                    start,
+                    last,
+                    n_ctx,
+                    n_batch_eff,
+                    n_seq,
+                )
+                bar = _progress(total * n_ctx, progress)
+                learn_attempts = 0
+                t_loop = time.perf_counter()
+                try:
+                    for g0 in range(start, last, n_seq):
+                        n_seq_batch = min(n_seq, last - g0)
+                        tg = time.perf_counter()
+                        cc_prev = _chunk_count(collector, n_ctx)
+                        ctx.clear()
+                        collector.chunk = g0 - first
+                        chunk_nll: list[list[np.ndarray]] = [[] for _ in range(n_seq_batch)]
+                        for j in range(num_batches):
+                            b0 = j * n_batch_eff
+                            bs = min(n_ctx - b0, n_batch_eff)
+                            seq_tok = np.stack(
+                                [
+                                    toks[(g0 + s) * n_ctx + b0 : (g0 + s) * n_ctx + b0 + bs]
+                                    for s in range(n_seq_batch)
+                                ]
+                            )
+                            if add_bos and j == 0:
+                                seq_tok[:, 0] = bos
+                            pos = np.tile(np.arange(b0, b0 + bs, dtype=np.int32), n_seq_batch)
+                            seq_ids = np.repeat(np.arange(n_seq_batch, dtype=np.int32), bs)
+                            batch.set(seq_tok.reshape(-1), pos, seq_ids, True)
+                            learning = (
+                                may_stop and collector.stop_after is None and learn_attempts < 3
+                            )
+                            if learning:
+                                collector.start_learning()
+                                learn_attempts += 1
+                            collector.reset_cache()
+                            ctx.decode(batch)
+                            if learning:
+                                collector.finish_learning(batch.n_tokens)
+                            if ppl is not None:
+                                lo, hi = max(first_score, b0), min(n_ctx - 1, b0 + bs)
+                                if hi > lo:
+                                    lg = ctx.logits(batch.n_tokens)
+                                    for s in range(n_seq_batch):
+                                        rows = lg[s * bs + lo - b0 : s * bs + hi - b0]
+                                        c0 = (g0 + s) * n_ctx
+                                        chunk_nll[s].append(
+                                            token_nll(rows, toks[c0 + lo + 1 : c0 + hi + 1])
+                                        )
+                        if g0 == start:
+                            dt = time.perf_counter() - tg
+                            eta = dt * math.ceil(total / n_seq)
+                            log.info("%.2f seconds per pass - ETA %s", dt, _fmt_eta(eta))
+                        for s in range(n_seq_batch):
+                            running = None
+                            if ppl is not None:
+                                running = ppl.add_chunk(np.concatenate(chunk_nll[s]))
+                            if on_chunk is not None:
+                                on_chunk(g0 + s, running)
+                        n_done_tokens += n_seq_batch * n_ctx
+                        faults.point("collect.chunk")
+                        if bar is not None:
+                            bar.update(n_seq_batch * n_ctx)
+                        reached = g0 + n_seq_batch
+                        done_prev, done_now = g0 - first, reached - first
+                        if output is not None:
+                            if (
+                                reached < last
+                                and output_frequency > 0
+                                and done_now // output_frequency > done_prev // output_frequency
+                            ):
+                                _write_checkpoint(
+                                    ckpt,
+                                    make_data(collector, reached),
+                                    sig,
+                                    collector,
+                                    ppl,
+                                    verbosity,
+                                )
+                                collector.round_to_float32()
+                                faults.point("collect.checkpointed")
+                            if save_frequency > 0:
+                                cc_now = _chunk_count(collector, n_ctx)
+                                if cc_now // save_frequency > cc_prev // save_frequency:
+                                    snap = Path(f"{output}.at_{cc_now}")
+                                    write_imatrix(
+                                        make_data(collector, None),
+                                        snap,
+                                        output_format=output_format,
+                                        compat=compat,
+                                    )
+                                    outputs.append(snap)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                ctx.synchronize()
+                compute_seconds = time.perf_counter() - t_loop
+                log.debug(
+                    "%d tensors observed, %d of them reused a shared input's sums",
+                    collector.n_observed,
+                    collector.n_reused,
+                )
+        data = make_data(collector, None)
+        if output is not None:
+            write_imatrix(data, output, output_format=output_format, compat=compat)
+            outputs.append(Path(output))
+            faults.point("collect.done")
+            if ckpt is not None:
+                ckpt.unlink(missing_ok=True)
+        if ppl is not None and ppl.ppl is not None:
+            err = ppl.error
+            (log.debug if on_chunk is not None else log.info)(
+                "final estimate: PPL = %.4f +/- %s", ppl.ppl, "n/a" if err is None else f"{err:.5f}"
+            )
+        return CollectResult(
+            data=data,
+            perplexity=ppl,
+            first_chunk=first,
+            last_chunk=last,
+            n_tokens=n_done_tokens,
+            seconds=time.perf_counter() - t0,
+            compute_seconds=compute_seconds,
+            stopped_early=collector.stop_after is not None,
+            resumed_from=resumed_from,
+            outputs=outputs,
+        )
 
 
 def _chunk_count(coll: Collector, n_ctx: int) -> int:
@@ -789,6 +862,7 @@ def _write_checkpoint(
         "counts": {n: [int(c) for c in a.counts] for n, a in coll.acc.items()},
         "ppl": None if ppl is None else ppl.state(),
     }
+    state["sha256"] = _checkpoint_digest(data, state)
     payload = to_gguf_bytes(
         data, extra={KEY_CHECKPOINT_STATE: json.dumps(state, separators=(",", ":"))}
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imatrix import __version__
+from imatrix import __version__, faults
 from imatrix.constants import (
     DEFAULT_CHUNK_SIZE,
     GENERAL_TYPE_IMATRIX,
@@ -66,17 +67,17 @@ def atomic_write(path: str | Path, payload: bytes) -> None:
     it was (a previous file under that name survives untouched).
     """
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(payload)
+        view, half = memoryview(payload), len(payload) // 2
+        fh.write(view[:half])
+        if faults.ENV in os.environ:  # crash tests: kill with half the bytes written
+            fh.flush()
+            faults.point("write.partial", path)
+        fh.write(view[half:])
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | Path):
-    """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
-
-    For writers that need a file name (llama.cpp's quantizer, pyarrow): they write the
-    temporary file, and only a complete file ever appears under the final name.
-    """
-    target = Path(path)
+def _temp_beside(target: Path) -> tuple[Path, str]:
+    """A new empty temporary file in ``target``'s directory, with clear errors when
+    that directory is missing or not writable."""
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise ImatrixError(f"{target}: output directory {parent} does not exist")
@@ -91,12 +92,51 @@ def atomic_output(path: str | Path):
     except OSError as exc:
         raise ImatrixError(f"{target}: cannot create a file in {parent}: {exc.strerror}") from exc
     os.close(fd)
+    return parent, tmp
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail now, not after hours of work, if ``path`` could not be written at the end
+    (missing or read-only directory, a directory in the way)."""
+    _parent, tmp = _temp_beside(Path(path))
+    os.unlink(tmp)
+
+
+def remove_stale_temporaries(path: str | Path) -> int:
+    """Remove temporary files that killed writers of ``path`` left behind (the
+    ``.<name>.*.tmp`` files of :func:`atomic_output`); returns how many.
+
+    Only for a caller that knows it is the sole writer of ``path`` (e.g. holds
+    :func:`imatrix.writelock.exclusive_writer`): another live writer's temporary file
+    would be removed under it.
+    """
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    n = 0
+    for p in parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path):
+    """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
+
+    For writers that need a file name (llama.cpp's quantizer, pyarrow): they write the
+    temporary file, and only a complete file ever appears under the final name.
+    """
+    target = Path(path)
+    parent, tmp = _temp_beside(target)
     try:
         yield tmp
+        faults.point("write.complete", target)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
+        faults.point("write.renamed", target)
         with contextlib.suppress(OSError):
             dfd = os.open(parent, os.O_RDONLY)
             try:
@@ -108,6 +148,10 @@ def atomic_output(path: str | Path):
             os.unlink(tmp)
         if exc.errno == errno.ENOSPC:
             raise ImatrixError(f"{target}: no space left on device while writing") from exc
+        if exc.errno == errno.EFBIG:
+            raise ImatrixError(
+                f"{target}: write failed: file too large (file size limit, see ulimit -f)"
+            ) from exc
         raise ImatrixError(f"{target}: write failed: {exc.strerror or exc}") from exc
     except BaseException:
         with contextlib.suppress(OSError):
