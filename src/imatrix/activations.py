@@ -90,6 +90,11 @@ class ColumnSums:
             f.result()
         return sq, s
 
+    @property
+    def pool(self) -> ThreadPoolExecutor | None:
+        """The helper threads (``threads - 1``), for other work split the same way."""
+        return self._pool
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

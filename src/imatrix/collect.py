@@ -762,7 +762,12 @@ def collect(
                                         rows = lg[s * bs + lo - b0 : s * bs + hi - b0]
                                         c0 = (g0 + s) * n_ctx
                                         chunk_nll[s].append(
-                                            token_nll(rows, toks[c0 + lo + 1 : c0 + hi + 1])
+                                            token_nll(
+                                                rows,
+                                                toks[c0 + lo + 1 : c0 + hi + 1],
+                                                collector.summer.pool,
+                                                n_threads,
+                                            )
                                         )
                         if g0 == start:
                             dt = time.perf_counter() - tg

@@ -11,27 +11,70 @@ exponentials summed in double; we do the same, vectorized per block of rows.
 
 from __future__ import annotations
 
+import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-#: rows per vectorized block: bounds the temporary arrays (rows x n_vocab float32)
-_BLOCK_ROWS = 32
+#: float32 bytes of logits per block: one or a few rows, so that the passes over a
+#: block (max, subtract, exp, sum) run in the CPU cache
+_BLOCK_BYTES = 1 << 20
+#: a row's exponentials are summed in float32 (pairwise, accurate) over segments of this
+#: many values, and the segment sums in float64, like llama.cpp's double accumulator
+_SEGMENT = 8192
 
 
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood (float64) of ``targets[i]`` under the row ``logits[i]``."""
+def _nll_rows(logits: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:
+    n, v = logits.shape
+    rows = max(1, _BLOCK_BYTES // (4 * v))
+    buf = np.empty((min(rows, n), v), dtype=np.float32)
+    main = v - v % _SEGMENT
+    for i in range(0, n, rows):
+        blk = logits[i : i + rows]
+        r = blk.shape[0]
+        d = buf[:r]
+        m = blk.max(axis=1, keepdims=True)
+        np.subtract(blk, m, out=d)
+        # logit[tok] - max in float32, as llama.cpp computes it
+        picked = d[np.arange(r), targets[i : i + r]].astype(np.float64)
+        np.exp(d, out=d)
+        s = np.zeros(r)
+        if main:
+            s += d[:, :main].reshape(r, -1, _SEGMENT).sum(axis=2).sum(axis=1, dtype=np.float64)
+        if main < v:
+            s += d[:, main:].sum(axis=1).astype(np.float64)
+        out[i : i + r] = np.log(s) - picked
+
+
+def token_nll(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    pool: ThreadPoolExecutor | None = None,
+    parts: int = 1,
+) -> np.ndarray:
+    """Negative log-likelihood (float64) of ``targets[i]`` under the row ``logits[i]``.
+
+    With a thread pool the rows are split into ``parts``: the caller computes the
+    first, the pool the others (numpy releases the GIL in these loops).
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    targets = np.asarray(targets, dtype=np.int64)
     n = logits.shape[0]
     out = np.empty(n, dtype=np.float64)
-    for i in range(0, n, _BLOCK_ROWS):
-        blk = np.asarray(logits[i : i + _BLOCK_ROWS], dtype=np.float32)
-        tok = np.asarray(targets[i : i + _BLOCK_ROWS], dtype=np.int64)
-        d = blk - blk.max(axis=1, keepdims=True)
-        picked = d[np.arange(d.shape[0]), tok].astype(np.float64)
-        np.exp(d, out=d)
-        s = d.sum(axis=1, dtype=np.float64)
-        out[i : i + blk.shape[0]] = -(picked - np.log(s))
+    k = max(1, min(parts if pool is not None else 1, n))
+    edges = [n * j // k for j in range(k + 1)]
+    spans = list(itertools.pairwise(edges))
+    futures = (
+        [pool.submit(_nll_rows, logits[a:b], targets[a:b], out[a:b]) for a, b in spans[1:]]
+        if pool is not None
+        else []
+    )
+    a, b = spans[0]
+    _nll_rows(logits[a:b], targets[a:b], out[a:b])
+    for f in futures:
+        f.result()
     return out
 
 
