@@ -25,12 +25,13 @@ cannot be made, decode error) raises :class:`~imatrix.errors.ImatrixError`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,10 +233,58 @@ def load_model(path: str | Path, *, n_gpu_layers: int = -1, vocab_only: bool = F
     mp = lc.llama_model_default_params()
     mp.n_gpu_layers = int(n_gpu_layers)
     mp.vocab_only = bool(vocab_only)
-    ptr = lc.llama_model_load_from_file(str(p).encode(), mp)
+    with _errors_taken() as errors:
+        ptr = lc.llama_model_load_from_file(str(p).encode(), mp)
     if not ptr:
-        raise ImatrixError(f"{p}: llama.cpp failed to load the model (run with -v for its log)")
+        raise ImatrixError(_load_failure(p, errors))
     return Model(path=p, ptr=ptr, vocab_only=vocab_only, n_gpu_layers=int(n_gpu_layers))
+
+
+class _TakeErrors(logging.Filter):
+    """Takes llama.cpp's error lines out of the log while a call runs: they become part
+    of our one-line error message, and are passed on at DEBUG for ``-v`` runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.lines.append(record.getMessage())
+        llama_log.debug("%s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _errors_taken() -> Iterator[list[str]]:
+    f = _TakeErrors()
+    llama_log.addFilter(f)
+    try:
+        yield f.lines
+    finally:
+        llama_log.removeFilter(f)
+
+
+def _load_failure(path: Path, errors: list[str]) -> str:
+    """Why ``path`` did not load, in one line: our strict GGUF reader names a foreign,
+    truncated or damaged file and an imatrix passed as a model; otherwise llama.cpp's
+    own reason (e.g. an unknown architecture)."""
+    from imatrix.constants import GENERAL_TYPE_IMATRIX, KEY_GENERAL_TYPE
+    from imatrix.gguf_io import read_gguf
+
+    try:
+        g = read_gguf(path, load_data=False)
+    except ImatrixError as exc:
+        return str(exc)
+    if g.get(KEY_GENERAL_TYPE) == GENERAL_TYPE_IMATRIX:
+        return f"{path}: is an imatrix GGUF, not a model"
+    reasons = [
+        e.split("error loading model:", 1)[1].strip() for e in errors if "error loading model:" in e
+    ]
+    reason = (reasons or [e for e in errors if e.strip()] or ["see its log (-v)"])[0]
+    reason = reason.removeprefix("llama_model_loader: ")
+    return f"{path}: llama.cpp cannot load the model: {reason}"
 
 
 # ---------------------------------------------------------------------------

@@ -318,6 +318,46 @@ def _llama_errors() -> Iterator[list[str]]:
         logger.removeFilter(collect)
 
 
+_SPLIT_NAME_RE = re.compile(r"^(?P<prefix>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+def _model_tensor_names(base: Path) -> set[str] | None:
+    """Tensor names of a model (all its splits), or None when they cannot be known
+    here (then llama.cpp's own checks apply)."""
+    from imatrix.gguf_io import read_gguf
+
+    paths = [base]
+    m = _SPLIT_NAME_RE.match(base.name)
+    if m is not None and int(m.group("n")) > 1:
+        n = int(m.group("n"))
+        paths = [
+            base.with_name(f"{m.group('prefix')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)
+        ]
+    names: set[str] = set()
+    for p in paths:
+        try:
+            names.update(t.name for t in read_gguf(p, load_data=False).tensors)
+        except ImatrixError:
+            return None
+    return names
+
+
+def _check_names_match(base: Path, imx: PreparedImatrix) -> None:
+    """Refuse an imatrix none of whose entries is a tensor of the model (another
+    architecture, renamed tensors): llama-quantize would quietly quantize without
+    importance data, and the result would claim to have used it."""
+    if not imx.means:
+        return
+    names = _model_tensor_names(base)
+    if names is None or names & set(imx.means):
+        return
+    example = sorted(imx.means)[0]
+    raise ImatrixError(
+        f"{imx.path}: none of its {len(imx.means)} tensors is in {base} "
+        f"(e.g. '{example}'); an imatrix of another model?"
+    )
+
+
 def _split_prefix(output: Path) -> Path:
     """llama-quantize drops a trailing ``.gguf`` from the output name with ``--keep-split``."""
     s = str(output)
@@ -386,6 +426,7 @@ def quantize(
     imx = None
     if imatrix is not None:
         imx = prepare_imatrix(imatrix, include_weights, exclude_weights)
+        _check_names_match(base_p, imx)
     elif include_weights and exclude_weights:
         raise ImatrixError("--include-weights and --exclude-weights cannot be used together")
     _guard_asserting_types(opts, imx)
@@ -400,15 +441,20 @@ def quantize(
     if keep_split:
         return _run_split(base_p, _split_prefix(out_p), params)
     with atomic_output(out_p) as tmp:
-        _run(base_p, Path(tmp), params)
+        _run(base_p, Path(tmp), params, shown=out_p)
     return out_p
 
 
-def _run(base: Path, out: Path, params: _Params) -> None:
+def _run(base: Path, out: Path, params: _Params, shown: Path | None = None) -> None:
     with _llama_errors() as errors:
         rc = _quantize_call(base, out, params)
     if rc != 0:
         reason = _reason(errors)
+        if "iostream error" in reason:  # llama.cpp's std::ofstream could not write
+            raise ImatrixError(
+                f"{shown or out}: writing the quantized model failed (disk full or file "
+                f"size limit?): {reason}"
+            )
         raise ImatrixError(f"{base}: quantization failed: {reason}")
 
 

@@ -16,7 +16,14 @@ import sys
 from imatrix.cli import add_verbosity
 from imatrix.constants import DEFAULT_OUTPUT
 from imatrix.errors import ImatrixError
-from imatrix.formats import FORMAT_DAT, FORMAT_GGUF, FORMATS, read_imatrix, write_imatrix
+from imatrix.formats import (
+    FORMAT_DAT,
+    FORMAT_GGUF,
+    FORMATS,
+    check_writable,
+    read_imatrix,
+    write_imatrix,
+)
 from imatrix.model import ImatrixData, Provenance, combine
 
 log = logging.getLogger(__name__)
@@ -173,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if fmt == FORMAT_DAT and args.compat:
         log.warning("--compat has no effect with --output-format dat")
+    check_writable(args.output)  # before hashing and tokenizing, not after hours of work
 
     loaded: ImatrixData | None = None
     if in_files:
