@@ -51,6 +51,9 @@ class Timing:
     seconds: float  # collection loop (or forward pass)
     wall: float | None  # whole run incl. model load
     tokens: int
+    #: ours only: seconds summing activations (in the eval callback) and computing perplexity
+    callback: float | None = None
+    perplexity: float | None = None
 
     @property
     def rate(self) -> float:
@@ -178,7 +181,12 @@ def run_ours(
     )
     wall = time.perf_counter() - t0
     return Timing(
-        "imatrix collect" + ("" if ppl else " --no-ppl"), r.compute_seconds, wall, r.n_tokens
+        "imatrix collect" + ("" if ppl else " --no-ppl"),
+        r.compute_seconds,
+        wall,
+        r.n_tokens,
+        callback=r.collect_seconds,
+        perplexity=r.ppl_seconds,
     )
 
 
@@ -303,7 +311,10 @@ def main() -> None:
     print(f"{'':42s} {'seconds':>9s} {'tokens/s':>9s} {'whole run s':>12s}")
     for t in res:
         wall = f"{t.wall:12.2f}" if t.wall is not None else " " * 12
-        print(f"{t.name:42s} {t.seconds:9.2f} {t.rate:9.1f} {wall}")
+        parts = ""
+        if t.callback is not None:
+            parts = f"   (summing activations {t.callback:.2f} s, perplexity {t.perplexity:.2f} s)"
+        print(f"{t.name:42s} {t.seconds:9.2f} {t.rate:9.1f} {wall}{parts}")
     print(
         f"without perplexity: {summary['speedup_no_ppl']:.2f}x llama-imatrix (target >= 2), "
         f"{100 * summary['over_forward_no_ppl']:+.1f} % over the plain forward pass (target <= +15 %)"

@@ -139,6 +139,8 @@ class Collector:
         self.chunk = 0  # for trace messages
         self.n_observed = 0
         self.n_reused = 0
+        #: time spent reading and summing activations (inside llama_decode)
+        self.seconds = 0.0
         self.summer = ColumnSums(threads)
         #: reuse column sums of an input shared by consecutive nodes (CPU backend only)
         self.reuse_inputs = reuse_inputs
@@ -156,7 +158,9 @@ class Collector:
         t = ggml.tensor(addr)
         if ask:
             return self._ask(t)
+        t0 = time.perf_counter()
         name = self._observe(t)
+        self.seconds += time.perf_counter() - t0
         return name != self.stop_after
 
     def _ask(self, t: ggml.GGMLTensor) -> bool:
@@ -407,6 +411,9 @@ class CollectResult:
     #: True when graphs were cut after the last needed tensor
     stopped_early: bool
     resumed_from: int | None = None
+    #: parts of compute_seconds: summing activations (in the callback), perplexity
+    collect_seconds: float = 0.0
+    ppl_seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
 
 
@@ -722,6 +729,7 @@ def collect(
                 bar = _progress(total * n_ctx, progress)
                 learn_attempts = 0
                 t_loop = time.perf_counter()
+                ppl_seconds = 0.0
                 try:
                     for g0 in range(start, last, n_seq):
                         n_seq_batch = min(n_seq, last - g0)
@@ -754,6 +762,7 @@ def collect(
                             ctx.decode(batch)
                             if learning:
                                 collector.finish_learning(batch.n_tokens)
+                            tp = time.perf_counter()
                             if ppl is not None:
                                 lo, hi = max(first_score, b0), min(n_ctx - 1, b0 + bs)
                                 if hi > lo:
@@ -769,6 +778,7 @@ def collect(
                                                 n_threads,
                                             )
                                         )
+                            ppl_seconds += time.perf_counter() - tp
                         if g0 == start:
                             dt = time.perf_counter() - tg
                             eta = dt * math.ceil(total / n_seq)
@@ -842,6 +852,8 @@ def collect(
             n_tokens=n_done_tokens,
             seconds=time.perf_counter() - t0,
             compute_seconds=compute_seconds,
+            collect_seconds=collector.seconds,
+            ppl_seconds=ppl_seconds,
             stopped_early=collector.stop_after is not None,
             resumed_from=resumed_from,
             outputs=outputs,

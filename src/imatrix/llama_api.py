@@ -450,6 +450,9 @@ class Context:
         cp.n_threads = nt
         cp.n_threads_batch = ntb
         cp.embeddings = bool(embeddings)
+        # llama.cpp's tools (common_params) keep a sliding-window cache the size of the
+        # window, where the library default is a full-size one
+        cp.swa_full = False
         if n_outputs_max:  # most logits rows per ubatch: bounds the output and compute buffers
             cp.n_outputs_max = int(n_outputs_max)
         self._cb_error: BaseException | None = None
