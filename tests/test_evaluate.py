@@ -51,8 +51,43 @@ def _num(text: str, label: str) -> float:
     return float(m.group(1))
 
 
+@pytest.fixture(scope="session")
+def flush_logs_env(tmp_path_factory) -> dict[str, str]:
+    """Environment that makes llama-perplexity's final statistics reliably appear.
+
+    llama.cpp's tools log through an asynchronous logger that is never flushed at exit
+    (upstream issue 22142): on a busy machine the last lines, which hold the final
+    statistics, are often lost. A preloaded library whose destructor waits half a
+    second at exit lets the logger thread finish. Without a C compiler we fall back to
+    retrying.
+    """
+    import os
+    import shutil
+
+    env = dict(os.environ)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        d = tmp_path_factory.mktemp("flushlog")
+        (d / "delay.c").write_text(
+            "#include <unistd.h>\n"
+            "__attribute__((destructor)) static void wait_for_log(void) { usleep(500000); }\n"
+        )
+        r = subprocess.run(
+            [cc, "-shared", "-fPIC", "-o", str(d / "libdelay.so"), str(d / "delay.c")]
+        )
+        if r.returncode == 0:
+            env["LD_PRELOAD"] = str(d / "libdelay.so")
+    return env
+
+
 def llama_perplexity_kld(
-    llama_bin: Path, base: Path, quant: Path, text: Path, workdir: Path, *extra: str
+    env: dict[str, str],
+    llama_bin: Path,
+    base: Path,
+    quant: Path,
+    text: Path,
+    workdir: Path,
+    *extra: str,
 ) -> dict[str, float]:
     """Run llama-perplexity's two passes (base logits file, then --kl-divergence)."""
     kld_file = workdir / f"{base.stem}-{'-'.join(extra) or 'default'}.kld"
@@ -76,13 +111,26 @@ def llama_perplexity_kld(
             text=True,
         )
         assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(
-        [exe, "-m", str(quant), *common, "--kl-divergence-base", str(kld_file), "--kl-divergence"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = r.stdout + r.stderr
+    # in case the final statistics were lost anyway (see flush_logs_env): run it again
+    for _ in range(5):
+        r = subprocess.run(
+            [
+                exe,
+                "-m",
+                str(quant),
+                *common,
+                "--kl-divergence-base",
+                str(kld_file),
+                "--kl-divergence",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = r.stdout + r.stderr
+        if "Same top p" in out:
+            break
     return {
         "ppl": _num(out, "Mean PPL(Q)"),
         "ppl_base": _num(out, "Mean PPL(base)"),
@@ -98,11 +146,18 @@ def llama_perplexity_kld(
 
 @pytest.mark.parametrize("qtype", ["Q2_K", "Q6_K"])
 def test_llama_method_equals_llama_perplexity(
-    qtype, llama_bin, tiny_model, quants, calib_text, tmp_path_factory
+    qtype, llama_bin, tiny_model, quants, calib_text, tmp_path_factory, flush_logs_env
 ):
     quant = quants[_kind(tiny_model)][qtype]
     ref = llama_perplexity_kld(
-        llama_bin, tiny_model, quant, calib_text, tmp_path_factory.mktemp("kld"), "-b", str(N_CTX)
+        flush_logs_env,
+        llama_bin,
+        tiny_model,
+        quant,
+        calib_text,
+        tmp_path_factory.mktemp("kld"),
+        "-b",
+        str(N_CTX),
     )
     df = evaluate(
         tiny_model, [quant], calib_text, n_ctx=N_CTX, chunks=CHUNKS, threads=1, kld_method="llama"
@@ -121,12 +176,12 @@ def test_llama_method_equals_llama_perplexity(
 
 
 def test_exact_method_within_one_percent(
-    llama_bin, tiny_model, quants, calib_text, tmp_path_factory
+    llama_bin, tiny_model, quants, calib_text, tmp_path_factory, flush_logs_env
 ):
     """The default method against llama-perplexity run with its own defaults."""
     quant = quants[_kind(tiny_model)]["Q2_K"]
     ref = llama_perplexity_kld(
-        llama_bin, tiny_model, quant, calib_text, tmp_path_factory.mktemp("kld")
+        flush_logs_env, llama_bin, tiny_model, quant, calib_text, tmp_path_factory.mktemp("kld")
     )
     df = evaluate(tiny_model, [quant], calib_text, n_ctx=N_CTX, chunks=CHUNKS, threads=1)
     q = df.iloc[1]
@@ -161,19 +216,7 @@ def test_block_size_does_not_change_results(dense_model, quants, calib_text):
 
 def test_summary_facts(dense_model, quants, calib_text, tmp_path):
     """Type and imatrix use come from the files' metadata; size and bpw from the files."""
-    im = tmp_path / "im.gguf"
-    from imatrix.formats import write_imatrix
-    from imatrix.model import Entry, ImatrixData
-
-    write_imatrix(
-        ImatrixData(
-            entries={"blk.0.ffn_up.weight": Entry(np.full(256, 2.0), np.array([4.0]))},
-            datasets=["d"],
-            chunk_count=1,
-        ),
-        im,
-        compat=True,
-    )
+    im = _imatrix(tmp_path / "im.gguf", ["blk.0.ffn_up.weight"])
     qi = quantize(dense_model, tmp_path / "with-im.gguf", "Q4_K_M", imatrix=str(im))
     df = evaluate(
         dense_model, [qi, quants["dense"]["Q6_K"]], calib_text, n_ctx=N_CTX, chunks=2, threads=1
@@ -186,6 +229,34 @@ def test_summary_facts(dense_model, quants, calib_text, tmp_path):
     assert df.iloc[1]["file_size"] == qi.stat().st_size
     assert 4.0 < df.iloc[1]["bpw"] < 6.0 and 15.9 < df.iloc[0]["bpw"] < 16.1
     assert df.iloc[0]["kld_mean"] == 0 and df.iloc[0]["same_top_p"] == 1
+
+
+def _imatrix(path: Path, names: list[str]) -> Path:
+    from imatrix.formats import write_imatrix
+    from imatrix.model import Entry, ImatrixData
+
+    entries = {n: Entry(np.full(256, 2.0), np.array([4.0])) for n in names}
+    write_imatrix(ImatrixData(entries=entries, datasets=["d"], chunk_count=1), path, compat=True)
+    return path
+
+
+def test_imatrix_entries_inherited_from_the_base_do_not_count(dense_model, calib_text, tmp_path):
+    """A base requantized from an imatrix quant carries quantize.imatrix.* entries, and
+    llama.cpp copies them into every quant made from it, with or without an imatrix."""
+    im = str(_imatrix(tmp_path / "im.gguf", ["blk.0.ffn_up.weight", "blk.0.attn_k.weight"]))
+    base = quantize(dense_model, tmp_path / "base-q8.gguf", "Q8_0", imatrix=im)
+    plain = quantize(base, tmp_path / "plain.gguf", "Q4_K_M", allow_requantize=True)
+    with_im = quantize(
+        base,
+        tmp_path / "with.gguf",
+        "Q4_K_M",
+        allow_requantize=True,
+        imatrix=im,
+        exclude_weights=["attn_k"],
+    )
+    df = evaluate(base, [plain, with_im], calib_text, n_ctx=N_CTX, chunks=2, threads=1)
+    assert list(df["imatrix"]) == [False, False, True]
+    assert df.iloc[1]["imatrix_file"] == im  # inherited, and recorded as found
 
 
 def test_write_and_merge_summaries(dense_model, quants, calib_text, tmp_path):

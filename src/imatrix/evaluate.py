@@ -88,6 +88,7 @@ SUMMARY_COLUMNS = [
 ]
 
 _ALIASES = {"Q3_K", "Q4_K", "Q5_K", "COPY"}
+_IMATRIX_KEYS = ("file", "dataset", "entries_count", "chunks_count")
 _FTYPE_NAMES = {v: k for k, v in reversed(QUANT_TYPES.items()) if k not in _ALIASES}
 
 
@@ -339,6 +340,8 @@ class ModelFacts:
     name: str
     type: str
     imatrix_file: str | None
+    #: the four ``quantize.imatrix.*`` values (None where absent)
+    imatrix_keys: tuple[str | None, ...]
     file_size: int
     n_params: int
     bpw: float
@@ -377,6 +380,7 @@ def model_facts(model) -> ModelFacts:
         name=model.path.name.removesuffix(".gguf"),
         type=qtype,
         imatrix_file=model.meta("quantize.imatrix.file"),
+        imatrix_keys=tuple(model.meta(f"quantize.imatrix.{k}") for k in _IMATRIX_KEYS),
         file_size=sum(f.stat().st_size for f in files),
         n_params=n_params,
         bpw=size * 8.0 / n_params if n_params else float("nan"),
@@ -539,7 +543,12 @@ def evaluate(
             {
                 "model": f.name,
                 "type": f.type,
-                "imatrix": f.imatrix_file is not None,
+                # quantized with an imatrix: it has quantize.imatrix.* entries that it did
+                # not inherit from the base (a base requantized from an imatrix quant
+                # passes its entries on to every quant made from it)
+                "imatrix": i > 0
+                and f.imatrix_file is not None
+                and f.imatrix_keys != facts[0].imatrix_keys,
                 "is_base": i == 0,
                 "file_size": f.file_size,
                 "n_params": f.n_params,
