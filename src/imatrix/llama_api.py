@@ -266,10 +266,10 @@ def _errors_taken() -> Iterator[list[str]]:
         llama_log.removeFilter(f)
 
 
-def _load_failure(path: Path, errors: list[str]) -> str:
-    """Why ``path`` did not load, in one line: our strict GGUF reader names a foreign,
-    truncated or damaged file and an imatrix passed as a model; otherwise llama.cpp's
-    own reason (e.g. an unknown architecture)."""
+def model_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a model file llama.cpp refused, if our strict GGUF reader can
+    tell (not a GGUF, truncated, damaged, an imatrix passed as a model); None if the
+    file looks like a sound model. Only called after a failure: costs nothing otherwise."""
     from imatrix.constants import GENERAL_TYPE_IMATRIX, KEY_GENERAL_TYPE
     from imatrix.gguf_io import read_gguf
 
@@ -279,6 +279,15 @@ def _load_failure(path: Path, errors: list[str]) -> str:
         return str(exc)
     if g.get(KEY_GENERAL_TYPE) == GENERAL_TYPE_IMATRIX:
         return f"{path}: is an imatrix GGUF, not a model"
+    return None
+
+
+def _load_failure(path: Path, errors: list[str]) -> str:
+    """Why ``path`` did not load, in one line: :func:`model_file_problem`, else
+    llama.cpp's own reason (e.g. an unknown architecture)."""
+    problem = model_file_problem(path)
+    if problem is not None:
+        return problem
     reasons = [
         e.split("error loading model:", 1)[1].strip() for e in errors if "error loading model:" in e
     ]

@@ -449,6 +449,11 @@ def _run(base: Path, out: Path, params: _Params, shown: Path | None = None) -> N
     with _llama_errors() as errors:
         rc = _quantize_call(base, out, params)
     if rc != 0:
+        from imatrix.llama_api import model_file_problem
+
+        problem = model_file_problem(base)
+        if problem is not None:
+            raise ImatrixError(problem)
         reason = _reason(errors)
         if "iostream error" in reason:  # llama.cpp's std::ofstream could not write
             raise ImatrixError(

@@ -256,14 +256,15 @@ def _collect(args: argparse.Namespace, loaded: ImatrixData | None, fmt: str, n_c
     if first > 0:
         if (first + 2) * n_ctx >= tokens.size:
             raise ImatrixError(
-                f"there will be not enough tokens left after removing {first} chunks"
+                f"{args.file or args.tokens}: there will be not enough tokens left after "
+                f"removing {first} chunks ({tokens.size} tokens, --chunk {first}, -c {n_ctx})"
             )
         log.info("removing initial %d chunks (%d tokens)", first, first * n_ctx)
     remaining = tokens.size - first * n_ctx
     if remaining < 2 * n_ctx:
         raise ImatrixError(
-            f"you need at least {2 * n_ctx} tokens for a context of {n_ctx} tokens; "
-            f"the data tokenizes to only {remaining} tokens"
+            f"{args.file or args.tokens}: you need at least {2 * n_ctx} tokens for a context "
+            f"of {n_ctx} tokens; the data tokenizes to only {remaining} tokens"
         )
     n_chunk_max = remaining // n_ctx
     n_chunk = n_chunk_max if args.chunks < 0 else min(args.chunks, n_chunk_max)

@@ -8,6 +8,7 @@ import logging
 
 from imatrix.cli import add_verbosity
 from imatrix.errors import ImatrixError
+from imatrix.formats import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rows is not None and args.rows <= 0:
         raise ImatrixError(f"--rows must be positive, got {args.rows}")
+    if args.output:
+        check_writable(args.output)  # now, not after the evaluation
     df = evaluate(
         args.base,
         args.quants,
