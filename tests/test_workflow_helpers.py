@@ -305,3 +305,19 @@ def test_merge_refuses_files_without_provenance(tmp_path: Path) -> None:
     p = _write(tmp_path, "s.gguf", s)
     with pytest.raises(ImatrixError, match="no provenance"):
         wh.merge_shards([p], ["a"], str(tmp_path / "m.gguf"))
+
+
+def test_merge_runs_the_health_check(tmp_path: Path) -> None:
+    """A dead expert is a warning by default (the merge goes on) and stops the merge,
+    with nothing written, when the config raises it to a failure."""
+    rng = np.random.default_rng(3)
+    s = _shard(rng, "a")
+    s.entries["blk.0.ffn_up_exps.weight"].counts[:] = [5.0, 0.0, 7.0]
+    p = _write(tmp_path, "s.gguf", s)
+    ok = tmp_path / "ok.gguf"
+    wh.merge_shards([p], ["a"], str(ok), health={})
+    assert ok.exists()
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ImatrixError, match=r"health check failed .*never"):
+        wh.merge_shards([p], ["a"], str(out), health={"fail_on": ["dead_experts"]})
+    assert not out.exists()

@@ -469,8 +469,14 @@ def merge_shards(
     output: str,
     *,
     weights: Mapping[str, float] | None = None,
+    health: Mapping[str, Any] | None = None,
 ) -> Path:
     """Merge the partial imatrices of all datasets into one, with dataset weights.
+
+    The merged data goes through the health check (:func:`imatrix.health.check_imatrix`,
+    settings from the config's ``health`` block) before it is written: its report goes to
+    the log, and a finding at level "fail" stops the merge with nothing written, so a
+    broken imatrix never reaches the quantize jobs.
 
     ``datasets[i]`` names the dataset of ``shards[i]``. The sums and counts add as
     ``imatrix combine`` adds them (each shard scaled by its dataset's weight), so the
@@ -489,9 +495,30 @@ def merge_shards(
         items[datasets.index(d)].provenance.dataset_sha256[0] for d in order
     ]
     out.provenance.version = items[0].provenance.version
+    _health_gate(out, output, health or {})
     write_imatrix(out, output)
     log.info("merged %d shards of %d dataset(s) into %s", len(shards), len(order), output)
     return Path(output)
+
+
+def _health_gate(data: ImatrixData, output: str, health: Mapping[str, Any]) -> None:
+    from imatrix.health import DEFAULT_MIN_TOKENS, check_imatrix, format_report
+
+    report = check_imatrix(
+        data,
+        source=output,
+        min_tokens=int(health.get("min_tokens", DEFAULT_MIN_TOKENS)),
+        fail_on=health.get("fail_on", ()),
+        warn_on=health.get("warn_on", ()),
+    )
+    for line in format_report(report).splitlines():
+        log.info("health: %s", line)
+    if report.failed:
+        bad = [f for f in report.findings if f.level == "fail"]
+        raise ImatrixError(
+            f"{output}: health check failed ({len(bad)} finding(s), first: {bad[0].message}); "
+            "see the merge log, or lower the check with health.warn_on"
+        )
 
 
 def convert_imatrix(src: str, output: str, *, output_format: str, compat: bool) -> Path:

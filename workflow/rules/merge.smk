@@ -21,6 +21,7 @@ rule merge:
     params:
         datasets=shard_datasets,
         weights={d: config["datasets"][d]["weight"] for d in DATASETS},
+        health=config["health"],
     script:
         "../scripts/merge.py"
 

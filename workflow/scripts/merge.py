@@ -15,4 +15,5 @@ merge_shards(
     list(snakemake.params.datasets),
     snakemake.output.imatrix,
     weights=snakemake.params.weights,
+    health=snakemake.params.health,
 )
