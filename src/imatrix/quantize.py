@@ -256,6 +256,7 @@ class _Params:
             self._keep.append(tarr)
             p.tt_overrides = tarr
         self.params = p
+        self.imatrix_path = imx.path if imx is not None else None
 
 
 def _guard_asserting_types(opts: QuantizeOptions, imx: PreparedImatrix | None) -> None:
@@ -460,6 +461,8 @@ def _run(base: Path, out: Path, params: _Params, shown: Path | None = None) -> N
                 f"{shown or out}: writing the quantized model failed (disk full or file "
                 f"size limit?): {reason}"
             )
+        if "imatrix size" in reason and params.imatrix_path:  # an imatrix of another model
+            raise ImatrixError(f"{params.imatrix_path}: does not fit {base}: {reason}")
         raise ImatrixError(f"{base}: quantization failed: {reason}")
 
 
