@@ -472,3 +472,28 @@ def test_fault_hook_refuses_bad_specs(spec, message):
     assert faults.parse("write.complete:*.gguf@2=stop") == faults.FaultSpec(
         "write.complete", "*.gguf", 2, "stop"
     )
+
+
+# --- temporary files of killed writers ----------------------------------------------
+
+
+def test_next_write_removes_a_killed_writers_temporary_file(tmp_path, references):
+    """Any atomic write (here `imatrix convert`) removes the temporary files of the
+    same output left by killed writers on this host, and only those: a live writer's
+    (this test process) and another host's are kept."""
+    src = tmp_path / "in.gguf"
+    src.write_bytes(references["moe", "gguf"][0])
+    out = tmp_path / "out.gguf"
+    out.write_bytes(PREVIOUS)
+    cmd = [sys.executable, "-m", "imatrix", "convert", str(src), "-o", str(out)]
+    assert run(cmd, "write.partial:out.gguf").returncode == -signal.SIGKILL
+    (dead,) = tmp_path.glob(".out.gguf.*.tmp")
+    assert out.read_bytes() == PREVIOUS and dead.stat().st_size > 0
+    live = tmp_path / f".out.gguf.{os.getpid()}@{os.uname().nodename}.abcdefgh.tmp"
+    remote = tmp_path / ".out.gguf.12345@another-node.abcdefgh.tmp"
+    live.write_bytes(b"being written")
+    remote.write_bytes(b"being written elsewhere")
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == src.read_bytes()
+    assert leftovers(tmp_path) == sorted([live.name, remote.name, "in.gguf", "out.gguf"])

@@ -15,6 +15,8 @@ import glob
 import json
 import logging
 import os
+import re
+import socket
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -75,6 +77,30 @@ def atomic_write(path: str | Path, payload: bytes) -> None:
         fh.write(view[half:])
 
 
+_HOST = socket.gethostname()
+
+
+def _remove_dead_writers_temporaries(target: Path, parent: Path) -> None:
+    """Remove the temporary files of ``target`` whose writers died (killed half-way):
+    a temporary file is named after its writer's pid and host, and one of this host
+    whose pid no longer exists can only be garbage. Files of other hosts (a shared file
+    system) are left to :func:`remove_stale_temporaries` under a lock."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)@(.+)\.[^.]*\.tmp$")
+    with contextlib.suppress(OSError):
+        for p in parent.glob(f".{glob.escape(target.name)}.*@*.tmp"):
+            m = pattern.match(p.name)
+            if m is None or m.group(2) != _HOST or int(m.group(1)) == os.getpid():
+                continue
+            try:
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    log.info("removed %s, left by a writer that was killed", p)
+            except OSError:
+                pass  # alive (another user's process) or unknowable: leave it
+
+
 def _temp_beside(target: Path) -> tuple[Path, str]:
     """A new empty temporary file in ``target``'s directory, with clear errors when
     that directory is missing or not writable."""
@@ -83,8 +109,11 @@ def _temp_beside(target: Path) -> tuple[Path, str]:
         raise ImatrixError(f"{target}: output directory {parent} does not exist")
     if target.is_dir():
         raise ImatrixError(f"{target}: is a directory")
+    _remove_dead_writers_temporaries(target, parent)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=parent
+        )
     except PermissionError as exc:
         raise ImatrixError(
             f"{target}: cannot write to directory {parent} (permission denied)"
