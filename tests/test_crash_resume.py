@@ -11,11 +11,13 @@ and requires the very bytes of an uninterrupted run with the same flags, and the
 final perplexity. Also: a kill from outside at a random moment, two kills in a row, a
 resume with a different batch plan (counts identical, sums equal to float32
 rounding), damaged checkpoints (ignored with a warning, never trusted), two collectors
-on one output (the second waits for the first), and the crash hook itself.
+on one output (the second waits for the first), temporary files of killed writers,
+fuzzed checkpoints (rejected, or read exactly as written), and the crash hook itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,10 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from test_fuzz_readers import FUZZ, _mutations
 
 from imatrix import faults
+from imatrix.collect import KEY_CHECKPOINT_STATE, _load_checkpoint
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix
+from imatrix.gguf_io import read_gguf
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -497,3 +503,42 @@ def test_next_write_removes_a_killed_writers_temporary_file(tmp_path, references
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == src.read_bytes()
     assert leftovers(tmp_path) == sorted([live.name, remote.name, "in.gguf", "out.gguf"])
+
+
+# --- fuzzed checkpoints: rejected, or read exactly as written -----------------------
+
+
+def test_mutated_checkpoints_are_rejected_or_read_exactly(sound_checkpoint, tmp_path_factory):
+    """Whatever happens to a checkpoint's bytes (truncation, flipped bytes, extreme
+    values, appended garbage), resuming either refuses it with our error (a damaged one
+    is then ignored) or gets exactly the data, chunk and state that were written: a
+    mutation that survives can only have hit bytes nothing reads (padding). A few
+    hundred cases by default; IMATRIX_FUZZ_EXAMPLES for a longer run."""
+    d = tmp_path_factory.mktemp("fuzz-ckpt")
+    good = d / "good.checkpoint"
+    good.write_bytes(sound_checkpoint)
+    sig = json.loads(read_gguf(good, load_data=False).get(KEY_CHECKPOINT_STATE))["signature"]
+    ref_data, ref_reached, ref_state = _load_checkpoint(good, sig)
+    n_accepted = [0, 0]
+
+    @FUZZ
+    @given(blob=_mutations(sound_checkpoint))
+    def check(blob: bytes) -> None:
+        p = d / "x.checkpoint"
+        p.write_bytes(blob)
+        n_accepted[1] += 1
+        try:
+            data, reached, state = _load_checkpoint(p, sig)
+        except ImatrixError:
+            return
+        n_accepted[0] += 1
+        assert (reached, state) == (ref_reached, ref_state)
+        assert sorted(data.entries) == sorted(ref_data.entries)
+        for name, e in ref_data.entries.items():
+            g = data.entries[name]
+            np.testing.assert_array_equal(g.values, e.values)
+            np.testing.assert_array_equal(g.counts, e.counts)
+            np.testing.assert_array_equal(g.sums, e.sums)
+
+    check()
+    assert n_accepted[0] < n_accepted[1]  # the mutations did reach the checks
