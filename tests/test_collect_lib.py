@@ -277,7 +277,7 @@ def test_threads_and_shared_inputs_do_not_change_the_sums(tiny_model, tokens, ca
     kw = dict(n_ctx=128, n_batch=256, last_chunk=6, compute_ppl=False)
     plain = collect(tiny_model, tokens, threads=1, reuse_inputs=False, stop_early=False, **kw)
     caplog.set_level(logging.DEBUG, logger="imatrix.collect")
-    fast = collect(tiny_model, tokens, threads=2, reuse_inputs=True, **kw)
+    fast = collect(tiny_model, tokens, threads=2, sum_threads=2, reuse_inputs=True, **kw)
     _same_entries(plain.data, fast.data)
     # 3 graphs of 2 layers; q/k/v share an input, so do gate/up (or the experts' gate/up):
     # 3 reuses per layer; the MoE layers also observe the router (ffn_gate_inp)

@@ -41,9 +41,18 @@ def _grouped_part(
 class ColumnSums:
     """Computes ``(sum of x**2, sum of x)`` over rows, in float64, with ``threads`` threads."""
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, pool: ThreadPoolExecutor | None = None) -> None:
+        """``threads``: parts the columns are split into (the caller computes one); the
+        others run on ``pool``, or on a pool of ``threads - 1`` owned by this object."""
         self.threads = max(1, int(threads))
-        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self._own = pool is None and self.threads > 1
+        self._pool = (
+            pool
+            if pool is not None
+            else (ThreadPoolExecutor(self.threads - 1) if self._own else None)
+        )
+        if self.threads == 1:
+            self._pool = None
 
     def _slices(self, n_cols: int, n_elems: int) -> list[slice]:
         k = self.threads if self._pool is not None and n_elems >= _PARALLEL_MIN else 1
@@ -90,12 +99,7 @@ class ColumnSums:
             f.result()
         return sq, s
 
-    @property
-    def pool(self) -> ThreadPoolExecutor | None:
-        """The helper threads (``threads - 1``), for other work split the same way."""
-        return self._pool
-
     def close(self) -> None:
-        if self._pool is not None:
+        if self._pool is not None and self._own:
             self._pool.shutdown(wait=True)
-            self._pool = None
+        self._pool = None

@@ -42,6 +42,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,7 @@ class Collector:
         trace: bool = False,
         threads: int = 1,
         reuse_inputs: bool = False,
+        pool: ThreadPoolExecutor | None = None,
     ) -> None:
         layout = ggml.check_layout()
         self._op_mm = layout.op_mul_mat
@@ -141,7 +143,7 @@ class Collector:
         self.n_reused = 0
         #: time spent reading and summing activations (inside llama_decode)
         self.seconds = 0.0
-        self.summer = ColumnSums(threads)
+        self.summer = ColumnSums(threads, pool)
         #: reuse column sums of an input shared by consecutive nodes (CPU backend only)
         self.reuse_inputs = reuse_inputs
         self._cache: tuple[tuple, list[tuple[int, int]], object] | None = None
@@ -567,6 +569,7 @@ def collect(
     resume: bool = False,
     stop_early: bool | None = None,
     reuse_inputs: bool | None = None,
+    sum_threads: int | None = None,
     progress: bool | None = None,
     verbosity: int = 1,
     on_chunk: Callable[[int, float | None], None] | None = None,
@@ -590,7 +593,9 @@ def collect(
     None lets the collector cut graphs after the last needed tensor whenever nothing
     needs logits; False never does (True is the same as None: it is never done when
     logits are needed). ``reuse_inputs``: compute the sums of an input shared by
-    consecutive matrices once (None: on the CPU backend only). ``on_chunk(k,
+    consecutive matrices once (None: on the CPU backend only). ``sum_threads``: threads
+    summing activations in the callback (None: 1 on the CPU backend, else ``threads``).
+    ``on_chunk(k,
     running_ppl)`` is called after each chunk.
     """
     t0 = time.perf_counter()
@@ -680,19 +685,32 @@ def collect(
             return data
 
         n_threads = threads if threads and threads > 0 else default_threads()
+        cpu_only = n_gpu_layers == 0 or not gpu_offload_supported()
         if reuse_inputs is None:
-            reuse_inputs = n_gpu_layers == 0 or not gpu_offload_supported()
+            reuse_inputs = cpu_only
+        # helper threads for numpy work while llama.cpp waits: perplexity always; the
+        # callback's sums only with a GPU, since on the CPU backend llama.cpp's own
+        # (OpenMP) threads spin for a while after each graph piece and would share the
+        # cores with ours
+        pool = ThreadPoolExecutor(n_threads - 1) if n_threads > 1 else None
+        if sum_threads is None:
+            sum_threads = 1 if cpu_only else n_threads
         collector = Collector(
             process_output=process_output,
             entries=entries,
             trace=verbosity >= 2,
-            threads=n_threads,
+            threads=sum_threads,
             reuse_inputs=reuse_inputs,
+            pool=pool,
         )
         may_stop = stop_early is not False and not compute_ppl and not process_output
         outputs: list[Path] = []
         n_done_tokens = 0
-        with contextlib.closing(collector), load_model(model, n_gpu_layers=n_gpu_layers) as m:
+        with (
+            _shutdown(pool),
+            contextlib.closing(collector),
+            load_model(model, n_gpu_layers=n_gpu_layers) as m,
+        ):
             if m.add_eos:
                 raise ImatrixError(
                     f"{model}: the model adds EOS tokens; llama-imatrix refuses such models"
@@ -774,7 +792,7 @@ def collect(
                                             token_nll(
                                                 rows,
                                                 toks[c0 + lo + 1 : c0 + hi + 1],
-                                                collector.summer.pool,
+                                                pool,
                                                 n_threads,
                                             )
                                         )
@@ -858,6 +876,15 @@ def collect(
             resumed_from=resumed_from,
             outputs=outputs,
         )
+
+
+@contextlib.contextmanager
+def _shutdown(pool: ThreadPoolExecutor | None):
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _chunk_count(coll: Collector, n_ctx: int) -> int:
