@@ -31,6 +31,10 @@ Resume: every ``output_frequency`` chunks the data so far go to
 float64 sums are rounded to the file's float32 at each checkpoint, in the running
 process too, so that a resumed run writes exactly the bytes an uninterrupted one
 would. The output is written once, atomically, at the end; then the checkpoint goes.
+A checkpoint carries a sha256 of everything a resume takes from it: a truncated or
+damaged one is ignored with a warning (the run starts over), never trusted. While it
+runs, a collection holds ``<output>.lock`` (:mod:`imatrix.writelock`): a second
+collector of the same output (a rerun while an orphaned job still runs) waits for it.
 """
 
 from __future__ import annotations
