@@ -284,3 +284,27 @@ def test_threads_and_shared_inputs_do_not_change_the_sums(tiny_model, tokens, ca
     observed = 48 if "moe" in tiny_model.name else 42
     msg = [r.getMessage() for r in caplog.records if "reused" in r.getMessage()]
     assert msg == [f"{observed} tensors observed, 18 of them reused a shared input's sums"]
+
+
+def test_a_wrong_probe_is_caught_and_undone(tiny_model, tokens, monkeypatch, caplog):
+    """If the probe named a tensor that is not the last one of the real graphs, the first
+    decode's check notices, puts the sums back and decodes again in full."""
+    import logging
+
+    from imatrix.collect import Collector
+
+    kw = dict(n_ctx=128, n_batch=256, last_chunk=6, compute_ppl=False)
+    full = collect(tiny_model, tokens, stop_early=False, **kw)
+    original = Collector.finish_probe
+
+    def wrong(self, n_tokens):
+        armed = original(self, n_tokens)
+        self.stop_after = self._seq[len(self._seq) // 2]  # a tensor in the middle
+        return armed
+
+    monkeypatch.setattr(Collector, "finish_probe", wrong)
+    caplog.set_level(logging.DEBUG, logger="imatrix.collect")
+    res = collect(tiny_model, tokens, **kw)
+    assert not res.stopped_early
+    assert any("differ from the probe" in r.getMessage() for r in caplog.records)
+    _same_entries(res.data, full.data)

@@ -112,12 +112,18 @@ class Collector:
     """The eval callback and its accumulators.
 
     ``stop_after``: None (never stop a graph early), or a tensor name after whose
-    observation the callback returns false. :meth:`start_learning` /
-    :meth:`finish_learning` around one decode determine that name safely: the
-    decode's needed tensors must each have covered every token of the decode
-    exactly once (so each occurs once per graph), no MUL_MAT may have been skipped
-    for having fewer than 16 rows (a bigger graph could need more tensors), and the
-    last one observed is then the last one of every graph.
+    observation the callback returns false. It is found by a probe and confirmed on
+    the first real decode:
+
+    - :meth:`start_probe` / :meth:`finish_probe` around a small decode (a few dozen
+      tokens, at least 16 so that every MUL_MAT is needed; nothing is accumulated)
+      record the needed tensors in graph order. Stopping is armed after the last one
+      when each occurred once and no MUL_MAT was skipped for too few rows.
+    - :meth:`start_verify` / :meth:`finish_verify` around the first real decode
+      require every probed tensor to have covered every token of that decode; if one
+      did not (the real graphs differ from the probe's), the accumulators are put
+      back as they were, stopping is disarmed for good, and the caller decodes the
+      batch again in full.
     """
 
     def __init__(
@@ -137,10 +143,12 @@ class Collector:
         self.trace = trace
         self.acc: dict[str, _Acc] = {n: _Acc.from_entry(e) for n, e in (entries or {}).items()}
         self.stop_after: str | None = None
-        self.learning = False
+        self.probing = False
+        self.verifying = False
         self._seq: list[str] = []
         self._rows: dict[str, int] = {}
         self._small = False
+        self._snapshot: dict[str, _Acc] | None = None
         self._scratch: dict[int, np.ndarray] = {}
         self.chunk = 0  # for trace messages
         self.n_observed = 0
@@ -181,7 +189,7 @@ class Collector:
         if src1.type != ggml.GGML_TYPE_F32:
             return False
         if src1.ne[1] < MIN_ROWS:
-            if self.learning and self._wanted(ggml.filter_name(ggml.tensor(t.src[0]).name)):
+            if self.probing and self._wanted(ggml.filter_name(ggml.tensor(t.src[0]).name)):
                 self._small = True
             return False
         return self._wanted(ggml.filter_name(ggml.tensor(t.src[0]).name))
@@ -235,13 +243,20 @@ class Collector:
         name = ggml.filter_name(src0.name)
         if src1.nb[0] != 4:
             raise ImatrixError(f"tensor '{name}': activations are not contiguous float32 rows")
+        if self.probing:  # record the graph's needed tensors, accumulate nothing
+            if t.op == self._op_mmid:
+                rows = int(src1.ne[2])
+            else:
+                rows = int(src1.ne[1] * src1.ne[2] * src1.ne[3]) // int(src0.ne[2] * src0.ne[3])
+            self._seq.append(name)
+            self._rows[name] = self._rows.get(name, 0) + rows
+            return name
         if t.op == self._op_mmid:
             rows = self._observe_moe(name, src0, src1, ggml.tensor(t.src[2]))
         else:
             rows = self._observe_dense(name, src0, src1)
         self.n_observed += 1
-        if self.learning:
-            self._seq.append(name)
+        if self.verifying:
             self._rows[name] = self._rows.get(name, 0) + rows
         return name
 
@@ -368,21 +383,53 @@ class Collector:
 
     # -- early stop -------------------------------------------------------------------
 
-    def start_learning(self) -> None:
-        self.learning = True
+    def start_probe(self) -> None:
+        self.probing = True
         self._seq = []
         self._rows = {}
         self._small = False
 
-    def finish_learning(self, n_tokens: int) -> None:
-        self.learning = False
-        if not self._seq or self._small:
-            return
-        if any(r != n_tokens for r in self._rows.values()):
-            log.debug("not stopping graphs early: tensors observed unevenly %s", self._rows)
-            return
-        self.stop_after = self._seq[-1]
-        log.debug("graphs stop after '%s' (nothing needs the rest)", self.stop_after)
+    def finish_probe(self, n_tokens: int) -> bool:
+        """Arm stopping after the probe's last needed tensor if the probe shows it is safe."""
+        self.probing = False
+        seq, rows = self._seq, self._rows
+        if not seq or self._small or len(set(seq)) != len(seq):
+            log.debug("graphs are not cut early: probe saw %s", seq)
+            return False
+        if any(r != n_tokens for r in rows.values()):
+            log.debug("graphs are not cut early: probe rows %s", rows)
+            return False
+        self.stop_after = seq[-1]
+        log.debug("graphs will stop after '%s' (nothing needs the rest)", self.stop_after)
+        return True
+
+    def start_verify(self) -> None:
+        self.verifying = True
+        self._rows = {}
+        self._snapshot = {
+            n: _Acc(a.values.copy(), None if a.sums is None else a.sums.copy(), a.counts.copy())
+            for n, a in self.acc.items()
+        }
+
+    def finish_verify(self, n_tokens: int) -> bool:
+        """True when the decode covered every probed tensor fully; else undo it and disarm."""
+        self.verifying = False
+        probed = set(self._seq)
+        ok = all(self._rows.get(n, 0) == n_tokens for n in probed)
+        if not ok:
+            assert self._snapshot is not None
+            self.acc = self._snapshot
+            self.stop_after = None
+            log.debug(
+                "graphs differ from the probe (%s); running them in full",
+                {
+                    n: self._rows.get(n, 0)
+                    for n in sorted(probed)
+                    if self._rows.get(n, 0) != n_tokens
+                },
+            )
+        self._snapshot = None
+        return ok
 
     # -- results ----------------------------------------------------------------------
 
@@ -749,7 +796,16 @@ def collect(
                     n_seq,
                 )
                 bar = _progress(total * n_ctx, progress)
-                learn_attempts = 0
+                verify = False
+                if may_stop:
+                    verify = _probe(
+                        ctx,
+                        batch,
+                        collector,
+                        toks[start * n_ctx : (start + 1) * n_ctx],
+                        add_bos,
+                        bos,
+                    )
                 t_loop = time.perf_counter()
                 ppl_seconds = 0.0
                 try:
@@ -774,16 +830,17 @@ def collect(
                             pos = np.tile(np.arange(b0, b0 + bs, dtype=np.int32), n_seq_batch)
                             seq_ids = np.repeat(np.arange(n_seq_batch, dtype=np.int32), bs)
                             batch.set(seq_tok.reshape(-1), pos, seq_ids, True)
-                            learning = (
-                                may_stop and collector.stop_after is None and learn_attempts < 3
-                            )
-                            if learning:
-                                collector.start_learning()
-                                learn_attempts += 1
                             collector.reset_cache()
-                            ctx.decode(batch)
-                            if learning:
-                                collector.finish_learning(batch.n_tokens)
+                            if verify:  # the first decode after the probe
+                                verify = False
+                                collector.start_verify()
+                                ctx.decode(batch)
+                                if not collector.finish_verify(batch.n_tokens):
+                                    ctx.clear()  # j == 0: nothing of this group is kept
+                                    collector.reset_cache()
+                                    ctx.decode(batch)
+                            else:
+                                ctx.decode(batch)
                             tp = time.perf_counter()
                             if ppl is not None:
                                 lo, hi = max(first_score, b0), min(n_ctx - 1, b0 + bs)
@@ -880,6 +937,27 @@ def collect(
             resumed_from=resumed_from,
             outputs=outputs,
         )
+
+
+def _probe(
+    ctx: Context, batch: Batch, collector: Collector, chunk: np.ndarray, add_bos: bool, bos: int
+) -> bool:
+    """Decode a few tokens of ``chunk`` to find the last tensor a graph needs (see
+    :class:`Collector`); the context is cleared afterwards. True when stopping is armed."""
+    n = min(2 * MIN_ROWS, chunk.size, batch.capacity, ctx.n_ubatch)
+    if n < MIN_ROWS:
+        return False
+    toks = chunk[:n].copy()
+    if add_bos:
+        toks[0] = bos
+    collector.start_probe()
+    try:
+        ctx.clear()
+        ctx.decode_tokens(batch, toks, np.arange(n, dtype=np.int32), 0, True)
+    finally:
+        armed = collector.finish_probe(n)
+        ctx.clear()
+    return armed
 
 
 @contextlib.contextmanager
