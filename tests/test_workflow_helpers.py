@@ -321,3 +321,55 @@ def test_merge_runs_the_health_check(tmp_path: Path) -> None:
     with pytest.raises(ImatrixError, match=r"health check failed .*never"):
         wh.merge_shards([p], ["a"], str(out), health={"fail_on": ["dead_experts"]})
     assert not out.exists()
+
+
+def test_collect_shard_discards_checkpoint_of_an_older_config(
+    tmp_path: Path, dense_model: Path, calib_text: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job killed under one config and rerun under another (here n_ctx) starts its
+    shard over instead of failing on the stale checkpoint; the CLI keeps refusing it."""
+    import subprocess
+    import sys
+
+    from imatrix.collect import checkpoint_path
+    from imatrix.tokenize import tokenize_file
+
+    tokens = tmp_path / "tok.npy"
+    tokenize_file(dense_model, calib_text, tokens)
+    kw = dict(
+        dataset="alpha",
+        shard=0,
+        shards=1,
+        chunks_per_shard=None,
+        chunks=4,
+        n_batch=64,
+        n_ubatch=64,
+        process_output=False,
+        ppl=False,
+        ngl=0,
+        threads=1,
+        output_frequency=1,
+    )
+    out = tmp_path / "shard.gguf"
+    code = (
+        "import sys; from imatrix.workflow_helpers import collect_shard; "
+        f"collect_shard(sys.argv[1], sys.argv[2], sys.argv[3], n_ctx=64, **{kw!r})"
+    )
+    env = {**os.environ, "IMATRIX_FAULT": "collect.checkpointed@2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(dense_model), str(tokens), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert checkpoint_path(out).is_file() and not out.exists()
+
+    with caplog.at_level("WARNING"):
+        wh.collect_shard(str(dense_model), str(tokens), str(out), n_ctx=32, **kw)
+    assert "different settings" in caplog.text
+    assert not checkpoint_path(out).exists()
+    fresh = tmp_path / "fresh.gguf"
+    wh.collect_shard(str(dense_model), str(tokens), str(fresh), n_ctx=32, **kw)
+    assert out.read_bytes() == fresh.read_bytes()

@@ -529,6 +529,11 @@ class CorruptCheckpoint(ImatrixError):
     resuming run ignores it with a warning and starts over."""
 
 
+class StaleCheckpoint(ImatrixError):
+    """A sound checkpoint of other settings: the CLI refuses it (the user decides), the
+    workflow discards it, since a config change has made the job's old work obsolete."""
+
+
 def _checkpoint_digest(data: ImatrixData, state: dict) -> str:
     """sha256 over everything a resume takes from a checkpoint: the state (exact
     counts, perplexity, settings), the chunk reached, the datasets, and the float32
@@ -581,13 +586,13 @@ def _load_checkpoint(path: Path, signature: dict) -> tuple[ImatrixData, int, dic
     theirs = state.get("signature", {})
     diff = sorted(k for k in signature if theirs.get(k) != signature[k])
     if diff:
-        raise ImatrixError(
+        raise StaleCheckpoint(
             f"{path}: checkpoint was made with different settings ({', '.join(diff)}); "
             "delete it or run without --resume"
         )
     reached = int(data.provenance.chunk_reached)
     if not signature["first_chunk"] <= reached <= signature["last_chunk"]:
-        raise ImatrixError(
+        raise StaleCheckpoint(
             f"{path}: checkpoint chunk {reached} is outside the range being collected"
         )
     for name, counts in state.get("counts", {}).items():

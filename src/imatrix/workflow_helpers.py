@@ -379,25 +379,35 @@ def collect_shard(
     )
     log.info("dataset %s shard %d: chunks [%d, %d) of %d", dataset, shard, first, last, n)
     with claim_gpu(None if ngl > 0 else 0):
-        from imatrix.collect import collect  # after the GPU is chosen: llama.cpp loads here
+        # after the GPU is chosen: llama.cpp loads here
+        from imatrix.collect import StaleCheckpoint, checkpoint_path, collect
 
-        collect(
-            model,
-            tokens,
-            output,
-            first_chunk=first,
-            last_chunk=last,
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_ubatch=n_ubatch,
-            threads=threads,
-            n_gpu_layers=ngl,
-            process_output=process_output,
-            compute_ppl=ppl,
-            output_frequency=output_frequency,
-            dataset=dataset,
-            resume=True,
-        )
+        def run() -> None:
+            collect(
+                model,
+                tokens,
+                output,
+                first_chunk=first,
+                last_chunk=last,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_ubatch,
+                threads=threads,
+                n_gpu_layers=ngl,
+                process_output=process_output,
+                compute_ppl=ppl,
+                output_frequency=output_frequency,
+                dataset=dataset,
+                resume=True,
+            )
+
+        try:
+            run()
+        except StaleCheckpoint as exc:
+            # killed under an older config: that work is obsolete, start this shard over
+            log.warning("%s; discarding it and collecting this shard from the start", exc)
+            checkpoint_path(output).unlink(missing_ok=True)
+            run()
     return Path(output)
 
 
