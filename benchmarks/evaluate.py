@@ -41,11 +41,43 @@ from quantize import CACHE, demo_f16, demo_imatrix, llama_bin  # noqa: E402
 log = logging.getLogger("bench")
 
 
-def run_measured(cmd: list[str], out_path: Path | None = None) -> tuple[float, int, str]:
+#: seconds the exit shim (see :func:`flush_env`) keeps llama-perplexity alive at exit;
+#: subtracted from its measured wall time
+EXIT_DELAY = 0.2
+
+
+def flush_env() -> tuple[dict[str, str], float]:
+    """An environment in which llama-perplexity's final statistics are not lost.
+
+    llama.cpp's tools log through an asynchronous logger that is never flushed at
+    exit (upstream issue 22142); on a busy machine the last lines, the final
+    statistics, go missing. A preloaded library whose destructor sleeps briefly at
+    exit lets the logger thread finish. Returns the environment and the delay added.
+    """
+    import shutil
+
+    env = dict(os.environ)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    lib = CACHE / "libexitdelay.so"
+    if cc and not lib.is_file():
+        src = CACHE / "exitdelay.c"
+        usec = int(EXIT_DELAY * 1e6)
+        src.write_text(
+            "#include <unistd.h>\n"
+            f"__attribute__((destructor)) static void wait_for_log(void) {{ usleep({usec}); }}\n"
+        )
+        subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(src)], check=False)
+    if lib.is_file():
+        env["LD_PRELOAD"] = str(lib)
+        return env, EXIT_DELAY
+    return env, 0.0
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """Wall seconds, peak RSS in bytes (of this child alone, from wait4) and its output."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         dt = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -97,6 +129,7 @@ def main() -> None:
     ap.add_argument("-c", "--ctx-size", type=int, default=512)
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--rows", type=int, default=None, help="imatrix evaluate --rows")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each (fastest kept)")
     ap.add_argument("--llama-bin", help="directory of llama-perplexity (default: build script)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -111,38 +144,36 @@ def main() -> None:
     print(f"base {base.name} ({mib(w_base).strip()}), quant {quant.name} ({mib(w_quant).strip()})")
     print(f"text {text}, {args.chunks} chunks of {args.ctx_size}")
 
+    env, delay = flush_env()
+    ppl = str(bin_dir / "llama-perplexity")
+    t1 = t2 = t3 = float("inf")
+    rss1 = rss2 = rss3 = 0
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         kld = Path(tmp) / "base.kld"
-        ppl = str(bin_dir / "llama-perplexity")
-        t1, rss1, _ = run_measured(
-            [ppl, "-m", str(base), "-f", str(text), *common, "--kl-divergence-base", str(kld)]
-        )
-        disk = kld.stat().st_size
-        t2, rss2, out = run_measured(
-            [ppl, "-m", str(quant), *thr, "--kl-divergence-base", str(kld), "--kl-divergence"]
-        )
         summary = Path(tmp) / "summary.parquet"
-        cmd = [
-            sys.executable,
-            "-m",
-            "imatrix",
-            "evaluate",
-            "-q",
-            str(base),
-            str(quant),
-            "-f",
-            str(text),
-            *common,
-            "-o",
-            str(summary),
-        ]
+        ours_cmd = [sys.executable, "-m", "imatrix", "evaluate", "-q", str(base), str(quant)]
+        ours_cmd += ["-f", str(text), *common, "-o", str(summary)]
         if args.rows:
-            cmd += ["--rows", str(args.rows)]
-        t3, rss3, _ = run_measured(cmd)
+            ours_cmd += ["--rows", str(args.rows)]
+        # alternate the tools so that a busy machine slows both alike; keep the fastest
+        for _ in range(args.repeat):
+            a, r1, _ = run_measured(
+                [ppl, "-m", str(base), "-f", str(text), *common, "--kl-divergence-base", str(kld)],
+                env,
+            )
+            disk = kld.stat().st_size
+            b, r2, out = run_measured(
+                [ppl, "-m", str(quant), *thr, "--kl-divergence-base", str(kld), "--kl-divergence"],
+                env,
+            )
+            kld.unlink()
+            c, r3, _ = run_measured(ours_cmd)
+            t1, t2, t3 = min(t1, a - delay), min(t2, b - delay), min(t3, c)
+            rss1, rss2, rss3 = max(rss1, r1), max(rss2, r2), max(rss3, r3)
         import pandas as pd
 
-        ours = pd.read_parquet(summary).iloc[1]
-        ours_base = pd.read_parquet(summary).iloc[0]
+        table = pd.read_parquet(summary)
+        ours, ours_base = table.iloc[1], table.iloc[0]
 
     theirs = {
         "ppl": _num(out, "Mean PPL(Q)"),
