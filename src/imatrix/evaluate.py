@@ -32,10 +32,13 @@ both at ``rows``), numpy two. ``rows`` defaults to what makes one block
 :data:`DEFAULT_BLOCK_MB` (32 rows for a 262k vocabulary: 32 MiB per block, so 192 MiB
 for a base and one quant; measured 462 MiB beyond the weights in all for gemma-3-270m,
 against llama-perplexity's 1.9 GB). Each further quant adds 64 MiB at that size.
-Smaller blocks use less memory but more, smaller decode calls: slower when other
-processes compete for the cores (every graph node is a thread barrier), and
-numerically not quite llama-perplexity's, whose ubatch holds a whole chunk: llama.cpp's
-matrix kernels round differently for different batch sizes. On gemma-3-270m Q3_K_M,
+Small blocks mean many small decode graphs, and every graph node is a barrier for
+llama.cpp's threads, which costs dearly when other processes share the cores; so the
+models decode side by side, each on its share of ``threads`` (one thread each when
+there are as many models as threads), and the block numerics run on all cores
+between decodes. Small blocks are also numerically not quite llama-perplexity's,
+whose ubatch holds a whole chunk: llama.cpp's matrix kernels round differently for
+different batch sizes. On gemma-3-270m Q3_K_M,
 ``rows=255`` (one call per chunk, as llama-perplexity) gives its mean KLD to 1e-4
 relative and its maximum to 1e-6; the default 32-row blocks move the mean by 0.7 %
 and the maximum by 14 % (llama-perplexity's own ``-ub 32`` moves its maximum by 9 %).
@@ -436,8 +439,10 @@ def evaluate(
     Returns one row per model (the base first, ``is_base`` True, KLD 0) with the
     columns :data:`SUMMARY_COLUMNS`. ``n_ctx`` and ``chunks`` mean what ``-c`` and
     ``--chunks`` mean to llama-perplexity (the text must give at least two chunks);
-    ``rows`` is the block size (logits rows decoded and compared at once), default
-    from :func:`default_rows`. Raises :class:`ImatrixError` for a text that is too
+    ``threads`` (default: the physical cores) are shared by the models, which decode
+    side by side; ``rows`` is the block size (logits rows decoded and compared at
+    once), default from :func:`default_rows`; ``kld_method`` "exact" or "llama" (see
+    the module docstring). Raises :class:`ImatrixError` for a text that is too
     short, a model that does not load, or models with different vocabularies.
     """
     from tqdm import tqdm
