@@ -649,10 +649,9 @@ def collect(
     None lets the collector cut graphs after the last needed tensor whenever nothing
     needs logits; False never does (True is the same as None: it is never done when
     logits are needed). ``reuse_inputs``: compute the sums of an input shared by
-    consecutive matrices once (None: on the CPU backend only). ``sum_threads``: threads
+    consecutive matrices once (None: with a CPU-only llama.cpp build). ``sum_threads``: threads
     summing activations in the callback (None: 1 on the CPU backend, else ``threads``).
-    ``on_chunk(k,
-    running_ppl)`` is called after each chunk.
+    ``on_chunk(k, running_ppl)`` is called after each chunk.
     """
     t0 = time.perf_counter()
     if output_format not in FORMATS:
@@ -741,7 +740,9 @@ def collect(
             return data
 
         n_threads = threads if threads and threads > 0 else default_threads()
-        cpu_only = n_gpu_layers == 0 or not gpu_offload_supported()
+        # a build that can offload may move work to the GPU even with -ngl 0 (op offload),
+        # and then the scheduler writes copies of inputs the callback is never asked about
+        cpu_only = not gpu_offload_supported()
         if reuse_inputs is None:
             reuse_inputs = cpu_only
         # helper threads for numpy work while llama.cpp waits: perplexity always; the
