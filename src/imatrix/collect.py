@@ -19,11 +19,18 @@ large vocabulary the output projection costs more than the rest of the model. Wh
 nothing needs logits (no perplexity, no ``output.weight``), we return ``false`` from
 the callback right after the last tensor the imatrix needs: the scheduler stops the
 current graph split there and the output projection is never computed. Which tensor
-is last is learned from the first decode (see :class:`Collector`), and stopping is
-only armed when that decode proves every needed tensor occurs once per graph, in
-the same order. Later splits (with ``-ngl`` offloading) still run; they compute
-only what comes after the last needed tensor, so the data are the same either way,
-and tests check both paths against llama-imatrix.
+is last is found by a probe decode of a few dozen tokens whose sums are discarded,
+and confirmed on the first real decode: every probed tensor must have covered every
+token, or that decode is undone and run again in full, for good (see
+:class:`Collector`). Stopping is safe for the KV cache: a layer writes it in its
+attention, before its FFN. Later graph splits (with ``-ngl`` offloading) still run;
+they compute only what comes after the last needed tensor, so the data are the same
+either way, and tests check both paths against llama-imatrix.
+
+Other costs kept small: inputs shared by consecutive matrices (q/k/v, gate/up) are
+summed once (:meth:`Collector._cache_get`), sums run in cache-sized blocks
+(:mod:`imatrix.activations`), and perplexity is computed on the logits in bulk, split
+across threads (:mod:`imatrix.perplexity`).
 
 Resume: every ``output_frequency`` chunks the data so far go to
 ``<output>.checkpoint`` (our GGUF layout plus the chunk reached and, in one
