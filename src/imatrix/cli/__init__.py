@@ -71,7 +71,10 @@ def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
     root.setLevel(level)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` the parser of that one subcommand (its module
+    alone is imported: the others may pull in pandas or matplotlib, seconds of start-up
+    that e.g. a quantization benchmark against llama-quantize would count)."""
     parser = argparse.ArgumentParser(
         prog="imatrix",
         description="Compute, combine, inspect and use importance matrices for GGUF models.",
@@ -79,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"imatrix-pipeline {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
     for name in _SUBCOMMANDS:
-        importlib.import_module(f"imatrix.cli.{name}").register(sub)
+        if only is None or name == only:
+            importlib.import_module(f"imatrix.cli.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in _SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if getattr(args, "setup_logging", True):
         setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", 0))
