@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -22,3 +23,22 @@ def run_tool(
 
 def llama_imatrix(llama_bin: Path, *args: object) -> subprocess.CompletedProcess[str]:
     return run_tool(llama_bin, "llama-imatrix", *args)
+
+
+def run_until_logged(
+    llama_bin: Path, tool: str, *args: object, pattern: str, tries: int = 100
+) -> tuple[subprocess.CompletedProcess[str], re.Match[str]]:
+    """Run a tool until its output contains ``pattern``.
+
+    llama.cpp's tools log through an asynchronous logger that often loses its last
+    lines when the process exits early (after an error), so one run may print nothing
+    at all; the exit code is reliable, the text needs retries (each run takes ms).
+    """
+    proc = None
+    for _ in range(tries):
+        proc = run_tool(llama_bin, tool, *args, check=False)
+        m = re.search(pattern, proc.stderr + proc.stdout)
+        if m:
+            return proc, m
+    assert proc is not None
+    raise AssertionError(f"{tool} never logged {pattern!r} in {tries} runs:\n{proc.stderr[-2000:]}")

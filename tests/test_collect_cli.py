@@ -52,8 +52,9 @@ def test_chunk_bounds_as_llama_imatrix(dense_model, calib_text, llama_bin, tmp_p
         )
         assert (ref.returncode == 0) == ok == (rc == 0), err
         if not ok:
+            # only our message is checked: llama-imatrix's asynchronous logger often
+            # loses its last lines when the process exits (its exit code is checked above)
             assert "not enough tokens left after removing 66 chunks" in err
-            assert "not enough tokens left after removing 66 chunks" in ref.stderr
 
 
 def test_too_few_tokens(dense_model, calib_text, tmp_path, capsys):

@@ -4,12 +4,11 @@ over ``--tokens`` that equals llama-imatrix's run over the text (same token ids)
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from llamatools import llama_imatrix, run_tool
+from llamatools import llama_imatrix, run_until_logged
 
 from imatrix.cli import main
 from imatrix.errors import ImatrixError
@@ -19,11 +18,18 @@ from imatrix.tokenize import load_tokens, read_text, tokenize_file
 
 def llama_token_count(llama_bin: Path, model: Path, text: Path, *extra: str) -> int:
     """The count llama-imatrix reports when a text is too short for its context."""
-    proc = run_tool(
-        llama_bin, "llama-imatrix", "-m", model, "-f", text, "-c", "1000000", *extra, check=False
+    _, m = run_until_logged(
+        llama_bin,
+        "llama-imatrix",
+        "-m",
+        model,
+        "-f",
+        text,
+        "-c",
+        "1000000",
+        *extra,
+        pattern=r"tokenizes to only (\d+) tokens",
     )
-    m = re.search(r"tokenizes to only (\d+) tokens", proc.stderr + proc.stdout)
-    assert m, proc.stderr[-2000:]
     return int(m.group(1))
 
 
