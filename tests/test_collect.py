@@ -69,7 +69,7 @@ def reference(llama_bin, dense_model, moe_model, calib_text, tmp_path_factory):
             path = d / f"{kind}-{case}.gguf"
             args = ("-m", model, "-f", calib_text, "-o", path, "-t", "2", *flags)
             # llama.cpp's asynchronous logger now and then loses its last lines at exit
-            for _ in range(5):
+            for _ in range(30):
                 proc = llama_imatrix(llama_bin, *args)
                 if _FINAL_RE.search(proc.stdout):
                     break
