@@ -225,11 +225,6 @@ def run_forward(model: Path, tokens: np.ndarray, args: argparse.Namespace, logit
     )
 
 
-def best(fn, repeat: int) -> Timing:
-    runs = [fn() for _ in range(repeat)]
-    return min(runs, key=lambda t: t.seconds)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -242,7 +237,7 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-ngl", type=int, default=0, help="GPU layers for both tools (default 0)")
     ap.add_argument("--llama-bin", help="directory with llama-imatrix (default: build script)")
-    ap.add_argument("--repeat", type=int, default=1, help="keep the fastest of N runs")
+    ap.add_argument("--repeat", type=int, default=1, help="keep the fastest of N rounds")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -272,22 +267,25 @@ def main() -> None:
             args.ctx_size,
             args.threads,
         )
+        jobs = [
+            lambda: run_llama(bins, model, text, args, False, work / "ref.gguf"),
+            lambda: run_ours(model, tokens, args, False, work / "ours.gguf"),
+            lambda: run_llama(bins, model, text, args, True, work / "ref.gguf"),
+            lambda: run_ours(model, tokens, args, True, work / "ours.gguf"),
+            lambda: run_forward(model, tokens, args, False),
+            lambda: run_forward(model, tokens, args, True),
+        ]
+        # whole rounds, one after the other: a burst of load on a shared machine then
+        # hits one round of every measurement rather than all repeats of one
         res: list[Timing] = []
-        for ppl in (False, True):
-            res.append(
-                best(
-                    lambda ppl=ppl: run_llama(bins, model, text, args, ppl, work / "ref.gguf"),
-                    args.repeat,
-                )
-            )
-            res.append(
-                best(
-                    lambda ppl=ppl: run_ours(model, tokens, args, ppl, work / "ours.gguf"),
-                    args.repeat,
-                )
-            )
-        for lg in (False, True):
-            res.append(best(lambda lg=lg: run_forward(model, tokens, args, lg), args.repeat))
+        for r in range(args.repeat):
+            for i, job in enumerate(jobs):
+                t = job()
+                log.info("round %d: %s %.2f s", r + 1, t.name, t.seconds)
+                if r == 0:
+                    res.append(t)
+                elif t.seconds < res[i].seconds:
+                    res[i] = t
     by = {t.name: t for t in res}
     li_n, us_n = by["llama-imatrix --no-ppl"], by["imatrix collect --no-ppl"]
     li_p, us_p = by["llama-imatrix"], by["imatrix collect"]
