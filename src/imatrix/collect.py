@@ -809,6 +809,7 @@ def collect(
                     n_seq,
                 )
                 bar = _progress(total * n_ctx, progress)
+                t_loop = time.perf_counter()  # the probe is part of the work
                 verify = False
                 if may_stop:
                     verify = _probe(
@@ -819,7 +820,6 @@ def collect(
                         add_bos,
                         bos,
                     )
-                t_loop = time.perf_counter()
                 ppl_seconds = 0.0
                 try:
                     for g0 in range(start, last, n_seq):
