@@ -30,8 +30,9 @@ pandas, the llama.cpp contexts' KV caches and activations at ``n_ctx`` 512), plu
 logits in its compute buffer and one in its output buffer (``n_outputs_max`` caps
 both at ``rows``), numpy two. ``rows`` defaults to what makes one block
 :data:`DEFAULT_BLOCK_MB` (32 rows for a 262k vocabulary: 32 MiB per block, so 192 MiB
-for a base and one quant; measured 462 MiB beyond the weights in all for gemma-3-270m,
-against llama-perplexity's 1.9 GB). Each further quant adds 64 MiB at that size.
+for a base and one quant; measured 425-460 MiB beyond the weights in all for
+gemma-3-270m, against llama-perplexity's 1.9 GB, see benchmarks/evaluate.py). Each
+further quant adds 64 MiB at that size, plus its KV cache.
 Small blocks mean many small decode graphs, and every graph node is a barrier for
 llama.cpp's threads, which costs dearly when other processes share the cores; so the
 models decode side by side, each on its share of ``threads`` (one thread each when
@@ -40,8 +41,9 @@ between decodes. Small blocks are also numerically not quite llama-perplexity's,
 whose ubatch holds a whole chunk: llama.cpp's matrix kernels round differently for
 different batch sizes. On gemma-3-270m Q3_K_M,
 ``rows=255`` (one call per chunk, as llama-perplexity) gives its mean KLD to 1e-4
-relative and its maximum to 1e-6; the default 32-row blocks move the mean by 0.7 %
-and the maximum by 14 % (llama-perplexity's own ``-ub 32`` moves its maximum by 9 %).
+relative and its maximum to 1e-6; the default 32-row blocks move the mean by up to
+0.7 % and the maximum by up to 14 % (llama-perplexity's own ``-ub 32`` moves its
+maximum by 9 %).
 """
 
 from __future__ import annotations
