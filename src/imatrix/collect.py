@@ -7,7 +7,7 @@ its weight is a ``blk.*`` tensor, or ``output.weight`` with ``process_output``),
 when the node has been computed we read its input activations (``src[1]``, copied to
 host when it lives on a device) and the expert ids (``src[2]``) through
 :mod:`imatrix.ggml`, and add squares, plain sums and per-expert counts into float64
-accumulators with numpy.
+accumulators with numpy (:mod:`imatrix.activations` says how the sums are formed).
 
 Chunking, BOS, sequences per batch, ``--chunk``/``--chunks`` and perplexity follow
 ``compute_imatrix`` in tools/imatrix/imatrix.cpp; chunk counts in files follow
