@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ci import skip_or_fail
 from llamatools import llama_imatrix
 from tinymodels import DENSE, TinySpec, write_tiny_model
 
@@ -352,7 +353,7 @@ def test_output_in_read_only_directory(kit, tmp_path):
     root = os.geteuid() == 0
     # root ignores modes: make the directory immutable instead
     if root and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode != 0:
-        pytest.skip("cannot make a directory read-only for root here (chattr +i)")
+        skip_or_fail("cannot make a directory read-only for root here (chattr +i)")
     try:
         argv = _collect(kit, ro / "out.gguf", kit.dense, kit.calib)
         check_case(argv, ("ro/out.gguf", "permission denied"), tmp_path)
@@ -394,7 +395,7 @@ def tiny_fs(tmp_path):
         ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
     )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        skip_or_fail(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
     try:
         yield mnt
     finally:

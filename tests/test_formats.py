@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import skip_or_fail
 
 from imatrix.cli import main
 from imatrix.errors import ImatrixError
@@ -260,7 +261,7 @@ def test_output_in_read_only_directory(tmp_path, good, capsys):
         os.geteuid() == 0
         and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode != 0
     ):
-        pytest.skip("cannot make a directory read-only for root here (chattr +i)")
+        skip_or_fail("cannot make a directory read-only for root here (chattr +i)")
     try:
         rc, _, err = _cli(capsys, "convert", good, "-o", ro / "x.gguf")
     finally:

@@ -35,6 +35,7 @@ import yaml
 
 # the workflow tests' working directory: tiny model, datasets, config (tests/ is on
 # sys.path: conftest.py puts it there)
+from ci import skip_or_fail
 from test_workflow import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,14 +89,14 @@ def cluster() -> Cluster:
     """The partition to test in: $IMATRIX_SLURM_PARTITION, else the default partition,
     which must have an idle or mixed node with `gpu` GRES."""
     if shutil.which("sinfo") is None:
-        pytest.skip("no SLURM here: sinfo not found (tests/slurm/start-cluster.sh starts one)")
+        skip_or_fail("no SLURM here: sinfo not found (tests/slurm/start-cluster.sh starts one)")
     try:
         proc = _run(["sinfo", "--noheader", "--format=%P|%t|%G"])
     except subprocess.TimeoutExpired:
-        pytest.skip("no SLURM cluster answers: sinfo timed out")
+        skip_or_fail("no SLURM cluster answers: sinfo timed out")
     if proc.returncode != 0:
         reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
-        pytest.skip(
+        skip_or_fail(
             f"no SLURM cluster answers (sinfo: {reason}); start one with "
             "tests/slurm/start-cluster.sh"
         )
@@ -104,13 +105,13 @@ def cluster() -> Cluster:
     if wanted is None:
         defaults = [p.rstrip("*") for p, _, _ in rows if p.endswith("*")]
         if not defaults:
-            pytest.skip("SLURM has no default partition; set IMATRIX_SLURM_PARTITION")
+            skip_or_fail("SLURM has no default partition; set IMATRIX_SLURM_PARTITION")
         wanted = defaults[0]
     usable = [
         r for r in rows if r[0].rstrip("*") == wanted and r[1] in ("idle", "mix") and "gpu" in r[2]
     ]
     if not usable:
-        pytest.skip(f"SLURM partition '{wanted}' has no idle node with gpu GRES: {rows}")
+        skip_or_fail(f"SLURM partition '{wanted}' has no idle node with gpu GRES: {rows}")
     # sacct fails without slurmdbd; the plugin's default status command is then useless
     has_accounting = _run(["sacct", "--noheader", "-X", "--starttime=now"]).returncode == 0
     conf = _run(["scontrol", "show", "config"]).stdout
