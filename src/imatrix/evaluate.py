@@ -60,6 +60,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from imatrix.constants import (
+    KEY_GENERAL_FILE_TYPE,
+    KEY_QUANTIZE_IMATRIX_FILE,
+    KEYS_QUANTIZE_IMATRIX,
+    split_paths,
+)
 from imatrix.errors import ImatrixError
 from imatrix.formats import atomic_output
 from imatrix.qtypes import QUANT_TYPES
@@ -99,7 +105,6 @@ SUMMARY_COLUMNS = [
 ]
 
 _ALIASES = {"Q3_K", "Q4_K", "Q5_K", "COPY"}
-_IMATRIX_KEYS = ("file", "dataset", "entries_count", "chunks_count")
 _FTYPE_NAMES = {v: k for k, v in reversed(QUANT_TYPES.items()) if k not in _ALIASES}
 
 
@@ -357,17 +362,10 @@ class ModelFacts:
 
 
 def _split_files(path: Path) -> list[Path]:
-    """All shards of a split model (``X-00001-of-00003.gguf``), else the file itself."""
-    name = path.name
-    if len(name) > 20 and name.endswith(".gguf") and name[-20] == "-" and name[-14:-10] == "-of-":
-        stem, total = name[:-20], name[-10:-5]
-        if total.isdigit():
-            shards = [
-                path.with_name(f"{stem}-{i:05d}-of-{total}.gguf") for i in range(1, int(total) + 1)
-            ]
-            if all(s.is_file() for s in shards):
-                return shards
-    return [path]
+    """All splits of a split model (``X-00001-of-00003.gguf``) when all exist, else the
+    file itself."""
+    splits = split_paths(path)
+    return splits if all(s.is_file() for s in splits) else [path]
 
 
 def model_facts(model) -> ModelFacts:
@@ -375,7 +373,7 @@ def model_facts(model) -> ModelFacts:
     file size and bits per weight (tensor bytes x 8 / parameters, as llama.cpp prints)."""
     import llama_cpp
 
-    ftype_s = model.meta("general.file_type")
+    ftype_s = model.meta(KEY_GENERAL_FILE_TYPE)
     try:
         ftype = int(ftype_s) & ~1024 if ftype_s is not None else None
     except ValueError:
@@ -388,8 +386,8 @@ def model_facts(model) -> ModelFacts:
         path=model.path,
         name=model.path.name.removesuffix(".gguf"),
         type=qtype,
-        imatrix_file=model.meta("quantize.imatrix.file"),
-        imatrix_keys=tuple(model.meta(f"quantize.imatrix.{k}") for k in _IMATRIX_KEYS),
+        imatrix_file=model.meta(KEY_QUANTIZE_IMATRIX_FILE),
+        imatrix_keys=tuple(model.meta(k) for k in KEYS_QUANTIZE_IMATRIX),
         file_size=sum(f.stat().st_size for f in files),
         n_params=n_params,
         bpw=size * 8.0 / n_params if n_params else float("nan"),

@@ -42,9 +42,10 @@ from imatrix.constants import (
     SUFFIX_COUNTS,
     SUFFIX_IN_SUM,
     SUFFIX_IN_SUM2,
+    GGUFValueType,
 )
 from imatrix.errors import ImatrixError
-from imatrix.gguf_io import GGML_TYPE_F32, GGUFFile, GGUFValueType, GGUFWriter, read_gguf
+from imatrix.gguf_io import GGML_TYPE_F32, GGUFFile, GGUFWriter, read_gguf
 from imatrix.model import Entry, ImatrixData, Provenance
 
 log = logging.getLogger(__name__)

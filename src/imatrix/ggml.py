@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imatrix.constants import GGMLQuantizationType
 from imatrix.errors import ImatrixError
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,9 @@ GGML_MAX_NAME = 64
 #: sizeof(struct ggml_object), which ggml_tensor_overhead() adds to the tensor struct
 GGML_OBJECT_SIZE = 32
 
-GGML_TYPE_F32 = 0
-GGML_TYPE_F16 = 1
-GGML_TYPE_I32 = 26
+GGML_TYPE_F32 = int(GGMLQuantizationType.F32)
+GGML_TYPE_F16 = int(GGMLQuantizationType.F16)
+GGML_TYPE_I32 = int(GGMLQuantizationType.I32)
 
 
 class GGMLTensor(ctypes.Structure):
@@ -214,7 +215,6 @@ def filter_name(raw: bytes) -> str:
 
 
 _F32 = np.dtype(np.float32)
-_I32 = np.dtype(np.int32)
 
 
 def host_array(

@@ -29,6 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
+from imatrix.constants import (
+    KEY_QUANTIZE_IMATRIX_DATASET,
+    KEY_QUANTIZE_IMATRIX_FILE,
+    KEY_QUANTIZE_IMATRIX_N_CHUNKS,
+    KEY_QUANTIZE_IMATRIX_N_ENTRIES,
+    parse_split_name,
+    split_glob,
+    split_name,
+    split_paths,
+)
 from imatrix.errors import ImatrixError
 from imatrix.formats import atomic_output, load_means
 from imatrix.qtypes import (
@@ -56,17 +66,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KEY_IMATRIX_FILE = "quantize.imatrix.file"
-KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
-KEY_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
-KEY_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
-
 # llama_model_kv_override_type
 KV_INT, KV_FLOAT, KV_BOOL, KV_STR = 0, 1, 2, 3
 _KV_TAGS = {"int": KV_INT, "float": KV_FLOAT, "bool": KV_BOOL, "str": KV_STR}
 #: ``char key[128]`` / ``char val_str[128]``: at most 127 bytes and the terminator
 _KV_MAX = 127
-_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -159,14 +163,16 @@ class PreparedImatrix:
 
     def kv_overrides(self) -> list[KVOverride]:
         """The ``quantize.imatrix.*`` entries, in llama-quantize's order."""
-        out = [KVOverride(KEY_IMATRIX_FILE, KV_STR, self.path.encode("utf-8")[:_KV_MAX])]
+        out = [KVOverride(KEY_QUANTIZE_IMATRIX_FILE, KV_STR, self.path.encode("utf-8")[:_KV_MAX])]
         if self.datasets:
             out.append(
-                KVOverride(KEY_IMATRIX_DATASET, KV_STR, self.datasets[0].encode("utf-8")[:_KV_MAX])
+                KVOverride(
+                    KEY_QUANTIZE_IMATRIX_DATASET, KV_STR, self.datasets[0].encode("utf-8")[:_KV_MAX]
+                )
             )
-        out.append(KVOverride(KEY_IMATRIX_N_ENTRIES, KV_INT, len(self.means)))
+        out.append(KVOverride(KEY_QUANTIZE_IMATRIX_N_ENTRIES, KV_INT, len(self.means)))
         if self.chunk_count > 0:
-            out.append(KVOverride(KEY_IMATRIX_N_CHUNKS, KV_INT, self.chunk_count))
+            out.append(KVOverride(KEY_QUANTIZE_IMATRIX_N_CHUNKS, KV_INT, self.chunk_count))
         return out
 
 
@@ -319,21 +325,12 @@ def _llama_errors() -> Iterator[list[str]]:
         logger.removeFilter(collect)
 
 
-_SPLIT_NAME_RE = re.compile(r"^(?P<prefix>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
-
-
 def _model_tensor_names(base: Path) -> set[str] | None:
     """Tensor names of a model (all its splits), or None when they cannot be known
     here (then llama.cpp's own checks apply)."""
     from imatrix.gguf_io import read_gguf
 
-    paths = [base]
-    m = _SPLIT_NAME_RE.match(base.name)
-    if m is not None and int(m.group("n")) > 1:
-        n = int(m.group("n"))
-        paths = [
-            base.with_name(f"{m.group('prefix')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)
-        ]
+    paths = split_paths(base)
     names: set[str] = set()
     for p in paths:
         try:
@@ -494,24 +491,24 @@ def _run_split(base: Path, prefix: Path, params: _Params) -> Path:
     try:
         with _llama_errors() as errors:
             rc = _quantize_call(base, Path(tmp_prefix), params)
-        shards = sorted(glob.glob(glob.escape(tmp_prefix) + "-*-of-*.gguf"))
+        shards = sorted(glob.glob(split_glob(tmp_prefix)))
         if rc != 0:
             raise ImatrixError(f"{base}: quantization failed: {_reason(errors)}")
         if not shards:
             raise ImatrixError(f"{base}: quantization wrote no output shards")
         finals = []
         for shard in shards:
-            m = _SPLIT_RE.search(shard)
-            assert m is not None
+            parsed = parse_split_name(Path(shard).name)
+            assert parsed is not None
             with open(shard, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.chmod(shard, 0o644)
-            finals.append((shard, Path(f"{prefix}-{m.group(1)}-of-{m.group(2)}.gguf")))
+            finals.append((shard, Path(split_name(str(prefix), *parsed[1:]))))
         for shard, final in finals:
             os.replace(shard, final)
         return finals[0][1]
     finally:
-        for leftover in glob.glob(glob.escape(tmp_prefix) + "-*-of-*.gguf"):
+        for leftover in glob.glob(split_glob(tmp_prefix)):
             with contextlib.suppress(OSError):
                 os.unlink(leftover)
         with contextlib.suppress(OSError):
