@@ -38,12 +38,12 @@ What is checked (each finding has a *check* code and a level, ``warn`` or ``fail
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from imatrix.jsonout import dumps
 from imatrix.model import ImatrixData
 from imatrix.stats import lround_counts
 
@@ -261,7 +261,7 @@ def expected_from_model(path: str) -> dict[str, int]:
 def format_report(report: HealthReport, *, as_json: bool = False) -> str:
     """The report as text for people (grouped by check) or as JSON."""
     if as_json:
-        return json.dumps(report.to_dict(), indent=2) + "\n"
+        return dumps(report.to_dict(), indent=2) + "\n"
     d = report.to_dict()
     lines = [
         f"{report.source}: {d['status'].upper()} - {report.n_tensors} tensors, "

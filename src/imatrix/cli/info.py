@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from imatrix.cli import add_verbosity
 from imatrix.formats import describe, read_imatrix
+from imatrix.jsonout import dumps
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     data = read_imatrix(args.input, chunk_size=args.ctx_size, strict=False)
     info = describe(data, args.input)
     if args.json:
-        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        sys.stdout.write(dumps(info, indent=2) + "\n")
         return 0
     lines = [
         f"file:        {info['file']} ({info['format']})",
