@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from imatrix.atomic import atomic_output
 from imatrix.constants import (
     KEY_GENERAL_FILE_TYPE,
     KEY_QUANTIZE_IMATRIX_FILE,
@@ -63,7 +64,6 @@ from imatrix.constants import (
     split_paths,
 )
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_output
 from imatrix.qtypes import QUANT_TYPES
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ how two imatrices differ.
 Why matplotlib's object API with an explicit Agg canvas (no ``pyplot``): plots are
 written from worker processes and tests without a display, and pyplot's global figure
 state would leak memory across calls. Every PNG is written through
-:func:`imatrix.formats.atomic_output`, so a failed run never leaves a half-written
+:func:`imatrix.atomic.atomic_output`, so a failed run never leaves a half-written
 picture under the final name.
 """
 
@@ -22,8 +22,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
+from imatrix.atomic import atomic_output
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_output
 from imatrix.model import ImatrixData
 from imatrix.stats import PLOTTABLE, lround_counts, split_name
 

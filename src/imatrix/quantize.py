@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imatrix.atomic import atomic_output
 from imatrix.constants import (
     KEY_QUANTIZE_IMATRIX_DATASET,
     KEY_QUANTIZE_IMATRIX_FILE,
@@ -40,7 +41,7 @@ from imatrix.constants import (
     split_paths,
 )
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_output, load_means
+from imatrix.formats import load_means
 from imatrix.qtypes import (
     GGML_TYPE_COUNT,
     GGML_TYPE_NAMES,

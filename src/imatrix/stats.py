@@ -25,8 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imatrix.atomic import atomic_output
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_output
 from imatrix.model import Entry, ImatrixData
 
 log = logging.getLogger(__name__)

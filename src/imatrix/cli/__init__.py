@@ -41,6 +41,13 @@ def add_verbosity(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
 
 
+def check_ctx_size(ctx_size: int | None) -> None:
+    """Refuse a ``-c/--ctx-size`` that is given but not positive (the chunk size of
+    ``.dat`` inputs, which llama.cpp would divide by)."""
+    if ctx_size is not None and ctx_size <= 0:
+        raise ImatrixError(f"-c/--ctx-size must be positive, got {ctx_size}")
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now (tests and wrappers swap it)."""
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from imatrix.atomic import check_writable
 from imatrix.cli import add_verbosity
 from imatrix.errors import ImatrixError
-from imatrix.formats import check_writable
 from imatrix.jsonout import dumps
 
 log = logging.getLogger(__name__)
