@@ -51,10 +51,13 @@ def test_every_ggml_type_matches_libggml(libggml, tid):
     assert C.ggml_type_name(tid) == libggml.ggml_type_name(tid).decode()
 
 
-def test_supplement_only_holds_what_gguf_py_lacks():
+def test_supplement_only_holds_what_gguf_py_lacks_or_has_wrong():
+    """Drop an entry of the supplement once gguf-py has it right (this test says when)."""
     known = {int(t) for t in gguf.GGMLQuantizationType}
-    assert C.GGML_TYPE_Q2_0 not in known  # drop the supplement once gguf-py has it
+    assert C.GGML_TYPE_Q2_0 not in known
     assert {int(t) for t in gguf.GGML_QUANT_SIZES} == known
+    q8_1 = gguf.GGMLQuantizationType.Q8_1
+    assert gguf.GGML_QUANT_SIZES[q8_1] != C.GGML_TYPE_SIZES[int(q8_1)]
 
 
 def test_keys_are_llama_cpp_spellings():

@@ -38,10 +38,15 @@ _EXTRA_TYPES: dict[int, tuple[str, tuple[int, int]]] = {
 #: ``llama_model_quantize_params``.
 GGML_TYPE_COUNT = 43
 
+#: sizes gguf-py 0.19.0 has wrong: Q8_1 (ggml-common.h ``block_q8_1``: two ggml_half
+#: and 32 int8, 36 bytes; gguf-py says 40). ggml uses Q8_1 only inside its kernels.
+_SIZE_FIXES: dict[int, tuple[int, int]] = {int(GGMLQuantizationType.Q8_1): (32, 2 + 2 + 32)}
+
 #: every ggml type id a GGUF file may hold -> (block size, bytes per block)
 GGML_TYPE_SIZES: dict[int, tuple[int, int]] = {
     **{int(t): size for t, size in GGML_QUANT_SIZES.items()},
     **{tid: size for tid, (_, size) in _EXTRA_TYPES.items()},
+    **_SIZE_FIXES,
 }
 
 
