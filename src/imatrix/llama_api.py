@@ -388,8 +388,12 @@ class Batch:
 
 
 class _ThreadpoolParams(ctypes.Structure):
+    """``struct ggml_threadpool_params`` (ggml.h): never returned by value and never
+    filled by us; ``ggml_threadpool_params_init`` fills it in place, after
+    :func:`_check_threadpool_params` has verified its size and the fields it writes."""
+
     _fields_ = [
-        ("cpumask", ctypes.c_bool * 512),
+        ("cpumask", ctypes.c_bool * 512),  # GGML_MAX_N_THREADS
         ("n_threads", ctypes.c_int),
         ("prio", ctypes.c_int),
         ("poll", ctypes.c_uint32),
@@ -398,24 +402,56 @@ class _ThreadpoolParams(ctypes.Structure):
     ]
 
 
+#: ggml_threadpool_params_init's defaults (ggml.c): normal priority, polling level 50
+_TP_DEFAULT_POLL = 50
+#: bytes past our struct that the layout check watches for writes
+_TP_GUARD = 256
+
+
+def _check_threadpool_params(base: ctypes.CDLL) -> None:
+    """Refuse a ggml whose ``ggml_threadpool_params`` differs from our copy.
+
+    ``ggml_threadpool_params_init`` fills a buffer larger than our struct whose bytes
+    are all 0xA5: it must write nothing past our size, and our fields must read the
+    values it sets (the thread count we pass and its documented defaults).
+    """
+    size = ctypes.sizeof(_ThreadpoolParams)
+    buf = (ctypes.c_uint8 * (size + _TP_GUARD))(*([0xA5] * (size + _TP_GUARD)))
+    base.ggml_threadpool_params_init(buf, 7)
+    params = _ThreadpoolParams.from_buffer(buf)
+    got = (params.n_threads, params.prio, params.poll, params.strict_cpu, params.paused)
+    if bytes(buf[size:]) != b"\xa5" * _TP_GUARD or got != (7, 0, _TP_DEFAULT_POLL, False, False):
+        raise ImatrixError(
+            "the ggml library loaded by llama-cpp-python does not match imatrix's "
+            f"ggml_threadpool_params layout (read {got}); install the llama-cpp-python "
+            "version pinned in pyproject.toml"
+        )
+    if any(params.cpumask):
+        raise ImatrixError("ggml_threadpool_params layout: cpumask not cleared by ggml")
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_lib() -> ctypes.CDLL | None:
+    """ggml's CPU backend library (threadpools), its layout checked; None if absent."""
+    from imatrix.ggml import libggml_base
+
     lc = _llama()
     d = Path(lc.__file__).resolve().parent / "lib"
     for name in ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll"):
         p = d / name
         if p.exists():
+            base = libggml_base()
+            base.ggml_threadpool_params_init.argtypes = [ctypes.c_void_p, ctypes.c_int]
+            base.ggml_threadpool_params_init.restype = None
+            _check_threadpool_params(base)
             lib = ctypes.CDLL(str(p))
-            lib.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
-            lib.ggml_threadpool_params_default.restype = _ThreadpoolParams
             lib.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
             lib.ggml_threadpool_new.restype = ctypes.c_void_p
             lib.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
             lib.ggml_threadpool_free.restype = None
-            lc.llama_cpp._lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p] * 3
-            lc.llama_cpp._lib.llama_attach_threadpool.restype = None
-            lc.llama_cpp._lib.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
-            lc.llama_cpp._lib.llama_detach_threadpool.restype = None
+            attach = lc.llama_cpp._lib.llama_attach_threadpool
+            attach.argtypes = [ctypes.c_void_p] * 3
+            attach.restype = None
             return lib
     return None  # pragma: no cover - a build without a CPU backend library
 
@@ -506,7 +542,10 @@ class Context:
         lib = _cpu_lib()
         if lib is None or nt != ntb:
             return
-        params = lib.ggml_threadpool_params_default(nt)
+        from imatrix.ggml import libggml_base
+
+        params = _ThreadpoolParams()
+        libggml_base().ggml_threadpool_params_init(ctypes.byref(params), nt)
         tp = lib.ggml_threadpool_new(ctypes.byref(params))
         if not tp:
             log.warning("could not create a CPU threadpool of %d threads", nt)
