@@ -209,10 +209,16 @@ def test_many_quants_at_once_equal_one_at_a_time(dense_model, quants, calib_text
     assert both.iloc[1]["kld_mean"] > 10 * both.iloc[2]["kld_mean"] > 0
 
 
-#: How far block-wise figures (``rows=5``) may be from whole-chunk ones: llama.cpp's
-#: kernels round differently for different batch sizes (up to 2 % of a logit on these
-#: random Q2_K weights; llama-perplexity's own results move as much with its -b).
-BLOCK_TOL = {"ppl": 1e-2, "kld_mean": 1e-2, "kld_max": 1e-2, "mean_dp": 1e-2}
+#: How far block-wise figures (``rows=5``) may be from whole-chunk ones (relative):
+#: llama.cpp's kernels round differently for different batch sizes. Measured on these
+#: random Q2_K weights: the quant's PPL moves by up to 0.25 %, the KLD mean by 0.15 %,
+#: its maximum by 0.6 %; the F16 base's PPL by 0.015 %. The bounds leave room for other
+#: CPUs' kernels, and stay far below what a token dropped or repeated at a block
+#: boundary does to the PPL (5-30 %; see the test below). The KLD cannot show such a
+#: fault (both models read the same wrong tokens and still agree), so the PPLs are the
+#: figures that must stay tight.
+BLOCK_TOL = {"ppl": 1e-2, "kld_mean": 5e-3, "kld_max": 2e-2, "mean_dp": 1e-2}
+BLOCK_TOL_BASE_PPL = 1e-3
 #: near-ties of the top token on random weights: a few of the 189 tokens may flip
 BLOCK_TOL_TOP = 0.02
 
@@ -224,7 +230,7 @@ def _block_mismatches(whole: pd.DataFrame, blocks: pd.DataFrame) -> list[str]:
         for k, rel in BLOCK_TOL.items()
         if blocks.iloc[1][k] != pytest.approx(whole.iloc[1][k], rel=rel, abs=1e-4)
     ]
-    if blocks.iloc[0]["ppl"] != pytest.approx(whole.iloc[0]["ppl"], rel=BLOCK_TOL["ppl"]):
+    if blocks.iloc[0]["ppl"] != pytest.approx(whole.iloc[0]["ppl"], rel=BLOCK_TOL_BASE_PPL):
         bad.append("base ppl")
     if blocks.iloc[1]["same_top_p"] != pytest.approx(
         whole.iloc[1]["same_top_p"], abs=BLOCK_TOL_TOP
@@ -262,7 +268,7 @@ def test_token_dropped_or_duplicated_at_block_boundary_is_caught(
 
     monkeypatch.setattr(ev, "evaluate_chunk", faulty)
     broken = evaluate(dense_model, [q], calib_text, n_ctx=N_CTX, chunks=3, threads=1, rows=5)
-    assert _block_mismatches(whole, broken) != []
+    assert {"ppl", "base ppl"} <= set(_block_mismatches(whole, broken))
 
 
 def test_summary_facts(dense_model, quants, calib_text, tmp_path):
