@@ -47,11 +47,11 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -70,6 +70,8 @@ if TYPE_CHECKING:
     from imatrix.llama_api import Model
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 #: numpy working memory per array of logits rows (four such arrays are live)
 DEFAULT_BLOCK_MB = 32
@@ -141,7 +143,7 @@ def _log_softmax_inplace(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """
     x -= x.max(axis=1, keepdims=True)
     np.exp(x, out=scratch)
-    sums = scratch.sum(axis=1, dtype=np.float64)
+    sums: np.ndarray = scratch.sum(axis=1, dtype=np.float64)
     x -= np.log(sums).astype(np.float32)[:, None]
     return sums
 
@@ -238,7 +240,7 @@ class RowPool:
         bounds = np.linspace(0, r, n + 1).astype(int)
         return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
-    def _map(self, fn, items):
+    def _map(self, fn: Callable[[slice], _R], items: list[slice]) -> list[_R]:
         if self._pool is None or len(items) == 1:
             return [fn(it) for it in items]
         return list(self._pool.map(fn, items))
@@ -409,7 +411,7 @@ def _split_files(path: Path) -> list[Path]:
     return splits if all(s.is_file() for s in splits) else [path]
 
 
-def model_facts(model) -> ModelFacts:
+def model_facts(model: Model) -> ModelFacts:
     """Type (from ``general.file_type``), imatrix use (``quantize.imatrix.file``),
     file size and bits per weight (tensor bytes x 8 / parameters, as llama.cpp prints)."""
     import llama_cpp
@@ -717,7 +719,7 @@ def evaluate(
     from imatrix.tokenize import read_text
 
     _check_arguments(quants, n_ctx, chunks, kld_method)
-    data = read_text(text)
+    data = read_text(Path(text))
     with contextlib.ExitStack() as stack:
         bm = stack.enter_context(load_model(base, n_gpu_layers=n_gpu_layers))
         tokens = _text_tokens(bm, data, text, n_ctx, parse_special)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +60,7 @@ _MAX_NAME = 1 << 16
 # detection and reading
 
 
-def detect_format(path: str | Path) -> str:
+def detect_format(path: str | os.PathLike[str]) -> str:
     """``gguf`` or ``dat``, from the file's first bytes (never from its name)."""
     try:
         with open(path, "rb") as fh:
@@ -75,7 +77,7 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_imatrix(
-    path: str | Path, *, chunk_size: int | None = None, strict: bool = True
+    path: str | os.PathLike[str], *, chunk_size: int | None = None, strict: bool = True
 ) -> ImatrixData:
     """Read an imatrix file of either format.
 
@@ -112,7 +114,7 @@ def _kv_str(g: GGUFFile, key: str) -> str | None:
         return None
     if kv.type != GGUFValueType.STRING:
         raise ImatrixError(f"{g.path}: key '{key}' should be a string")
-    return kv.value
+    return str(kv.value)
 
 
 def _kv_u32(g: GGUFFile, key: str) -> int | None:
@@ -199,7 +201,7 @@ class _DatFile:
     dataset: str | None
 
 
-def _parse_dat(path: str | Path) -> _DatFile:
+def _parse_dat(path: str | os.PathLike[str]) -> _DatFile:
     p = str(path)
     try:
         raw = Path(p).read_bytes()
@@ -221,7 +223,8 @@ def _parse_dat(path: str | Path) -> _DatFile:
         return out
 
     def i32(what: str) -> int:
-        return struct.unpack("<i", take(4, what))[0]
+        value: int = struct.unpack("<i", take(4, what))[0]
+        return value
 
     n_entries = i32("entry count")
     if n_entries < 1:
@@ -270,7 +273,7 @@ def _parse_dat(path: str | Path) -> _DatFile:
     return _DatFile(entries, chunk_count, dataset)
 
 
-def _read_dat(path: str | Path, chunk_size: int) -> ImatrixData:
+def _read_dat(path: str | os.PathLike[str], chunk_size: int) -> ImatrixData:
     if chunk_size <= 0:
         raise ImatrixError(f"chunk size must be positive, got {chunk_size}")
     dat = _parse_dat(path)
@@ -296,7 +299,7 @@ def _dat_to_data(dat: _DatFile, cs: np.float32, chunk_size: int) -> ImatrixData:
     )
 
 
-def load_means(path: str | Path) -> tuple[dict[str, np.ndarray], list[str], int]:
+def load_means(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], list[str], int]:
     """What llama-quantize's ``load_imatrix`` computes from a file: per-tensor means,
     the datasets and the chunk count.
 
@@ -434,7 +437,7 @@ def write_imatrix(
     log.info("stored %d entries after %d chunks in %s", len(data.entries), data.chunk_count, path)
 
 
-def describe(data: ImatrixData, path: str) -> dict:
+def describe(data: ImatrixData, path: str) -> dict[str, Any]:
     """A JSON-ready summary for ``imatrix info``."""
     counts = [e.n_counts for e in data.entries.values()]
     moe = [n for n, e in data.entries.items() if e.n_counts > 1]

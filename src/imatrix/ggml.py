@@ -20,6 +20,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -70,10 +71,11 @@ class _InitParams(ctypes.Structure):
     ]
 
 
-def _lib_dir() -> Path:
+def lib_dir() -> Path:
+    """The directory of the shared libraries llama-cpp-python loads."""
     import llama_cpp  # the bindings load libllama and its ggml libraries
 
-    return Path(llama_cpp.__file__).resolve().parent / "lib"
+    return Path(str(llama_cpp.__file__)).resolve().parent / "lib"
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,7 +83,7 @@ def libggml_base() -> ctypes.CDLL:
     """The ggml-base library llama-cpp-python loaded (same handle: dlopen is refcounted)."""
     import llama_cpp  # noqa: F401  (makes sure libllama, hence ggml-base, is loaded first)
 
-    d = _lib_dir()
+    d = lib_dir()
     for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
         p = d / name
         if p.exists():
@@ -245,4 +247,5 @@ def host_array(
             raise ImatrixError(f"tensor '{t.name.decode(errors='replace')}' has no data")
         base = int(t.data)
     raw = (ctypes.c_char * nbytes).from_address(base)
-    return np.ndarray(shape, dtype=dtype, buffer=raw, strides=strides)
+    # a ctypes array exports the buffer protocol; numpy's stubs do not list it
+    return np.ndarray(shape, dtype=dtype, buffer=cast(memoryview, raw), strides=strides)

@@ -14,6 +14,7 @@ gguf-py is still used to build test models.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,13 +159,13 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> KV:
     return KV(t, cur.unpack(_SCALAR_FMT[t], f"value of key '{key}'"))
 
 
-def read_gguf(path: str | Path, *, load_data: bool = True) -> GGUFFile:
+def read_gguf(path: str | os.PathLike[str], *, load_data: bool = True) -> GGUFFile:
     """Parse a GGUF file; with ``load_data`` the F32 tensors' data is copied out.
 
     Raises ImatrixError for a missing/unreadable file, a foreign file, or any
     truncation or inconsistency, naming the file.
     """
-    p = str(path)
+    p = os.fspath(path)
     try:
         with open(p, "rb") as fh:
             size = Path(p).stat().st_size
@@ -274,9 +275,6 @@ class GGUFWriter:
 
     def add_uint32(self, key: str, value: int) -> None:
         self._kv.append((key, KV(GGUFValueType.UINT32, int(value))))
-
-    def add_uint64(self, key: str, value: int) -> None:
-        self._kv.append((key, KV(GGUFValueType.UINT64, int(value))))
 
     def add_string_array(self, key: str, values: list[str]) -> None:
         self._kv.append((key, KV(GGUFValueType.ARRAY, list(values), GGUFValueType.STRING)))

@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +58,10 @@ _LOG_CONT = 5
 EvalCallback = Callable[[int, bool], bool]
 
 
-def _llama():
-    import llama_cpp  # imported lazily: importing it loads the shared libraries
+def _llama() -> ModuleType:
+    """The llama_cpp bindings, imported on first use: importing them loads the shared
+    libraries, which commands such as ``imatrix info`` never need."""
+    import llama_cpp
 
     return llama_cpp
 
@@ -158,7 +162,7 @@ class Model:
 
     @property
     def vocab(self) -> int:
-        return _llama().llama_model_get_vocab(self.ptr)
+        return int(_llama().llama_model_get_vocab(self.ptr))
 
     @property
     def n_vocab(self) -> int:
@@ -175,10 +179,6 @@ class Model:
     @property
     def bos(self) -> int:
         return int(_llama().llama_vocab_bos(self.vocab))
-
-    @property
-    def eos(self) -> int:
-        return int(_llama().llama_vocab_eos(self.vocab))
 
     @property
     def vocab_type(self) -> int:
@@ -220,7 +220,9 @@ class Model:
         self.close()
 
 
-def load_model(path: str | Path, *, n_gpu_layers: int = -1, vocab_only: bool = False) -> Model:
+def load_model(
+    path: str | os.PathLike[str], *, n_gpu_layers: int = -1, vocab_only: bool = False
+) -> Model:
     """Load a GGUF model; ``vocab_only`` loads only the tokenizer (fast, no weights).
 
     ``n_gpu_layers``: layers to offload (negative: all), as ``-ngl``.
@@ -369,8 +371,9 @@ class Batch:
         self.logits[:n] = logits
         self.n_tokens = n
 
-    def struct(self):
-        """The ``llama_batch`` struct pointing into our arrays."""
+    def struct(self) -> Any:
+        """The ``llama_batch`` struct (a llama_cpp ctypes Structure) pointing into our
+        arrays."""
         i32 = ctypes.POINTER(ctypes.c_int32)
         return _llama().llama_batch(
             n_tokens=self.n_tokens,
@@ -433,10 +436,10 @@ def _check_threadpool_params(base: ctypes.CDLL) -> None:
 @functools.lru_cache(maxsize=1)
 def _cpu_lib() -> ctypes.CDLL | None:
     """ggml's CPU backend library (threadpools), its layout checked; None if absent."""
-    from imatrix.ggml import libggml_base
+    from imatrix.ggml import lib_dir, libggml_base
 
     lc = _llama()
-    d = Path(lc.__file__).resolve().parent / "lib"
+    d = lib_dir()
     for name in ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll"):
         p = d / name
         if p.exists():
@@ -593,8 +596,10 @@ class Context:
         if not p:
             raise ImatrixError("no logits available")
         addr = ctypes.cast(p, ctypes.c_void_p).value
+        assert addr is not None
         raw = (ctypes.c_float * (n_rows * self.n_vocab)).from_address(addr)
-        return np.frombuffer(raw, dtype=np.float32).reshape(n_rows, self.n_vocab)
+        view: np.ndarray = np.ctypeslib.as_array(raw)
+        return view.reshape(n_rows, self.n_vocab)
 
     def synchronize(self) -> None:
         _llama().llama_synchronize(self.ptr)

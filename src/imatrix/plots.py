@@ -17,6 +17,7 @@ from pathlib import Path
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
@@ -76,13 +77,13 @@ def _grid(df: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str], list[in
     return (
         piv.to_numpy(dtype=np.float64, na_value=np.nan),
         [str(i) for i in piv.index],
-        list(piv.columns),
+        [int(c) for c in piv.columns],
     )
 
 
 def _heat(
     fig: Figure,
-    ax,
+    ax: Axes,
     grid: np.ndarray,
     rows: Sequence[str],
     cols: Sequence[int],

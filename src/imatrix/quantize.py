@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,8 @@ class KVOverride:
     tag: int
     value: int | float | bool | bytes
 
-    def to_c(self, out) -> None:
+    def to_c(self, out: Any) -> None:
+        """Fill ``out``, a llama_cpp ``llama_model_kv_override`` struct."""
         key = self.key.encode("utf-8")
         out.tag = self.tag
         out.key = key[:_KV_MAX]

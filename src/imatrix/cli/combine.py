@@ -40,7 +40,7 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("combine", help="combine imatrix files (sums and counts add)")
     p.add_argument("inputs", nargs="+", metavar="IN", help="imatrix files (GGUF or .dat)")
     add_output_options(p)

@@ -11,7 +11,7 @@ from imatrix.formats import read_imatrix
 from imatrix.stats import compare_imatrices, render_comparison, write_comparison_parquet
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compare",
         help="compare two imatrices per tensor (cosine similarity, rank correlation)",

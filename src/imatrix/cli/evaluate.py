@@ -29,7 +29,7 @@ _SHOW = [
 ]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "evaluate",
         help="perplexity, KL divergence and top-token agreement of quantized models",

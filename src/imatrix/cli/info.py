@@ -10,7 +10,7 @@ from imatrix.formats import describe, read_imatrix
 from imatrix.jsonout import dumps
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("info", help="describe an imatrix file")
     p.add_argument("input", metavar="IN", help="imatrix file (GGUF or .dat)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

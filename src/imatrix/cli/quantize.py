@@ -13,7 +13,7 @@ from imatrix.qtypes import QUANT_TYPES
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "quantize",
         help="quantize a GGUF model (byte-identical to llama-quantize)",

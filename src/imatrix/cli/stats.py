@@ -14,7 +14,7 @@ from imatrix.stats import DEFAULT_ECS_K, PLOTTABLE, compute_statistics, render_t
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "stats",
         help="per-tensor and per-layer statistics (table, Parquet, plots)",
