@@ -201,76 +201,87 @@ class _DatFile:
     dataset: str | None
 
 
+class _DatReader:
+    """Bounds-checked little-endian reads of a legacy file; an overrun names the file."""
+
+    def __init__(self, raw: bytes, path: str) -> None:
+        self.raw = raw
+        self.path = path
+        self.pos = 0
+
+    def left(self) -> int:
+        return len(self.raw) - self.pos
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or n > self.left():
+            raise ImatrixError(
+                f"{self.path}: truncated or corrupt .dat imatrix: {what} at byte {self.pos} "
+                f"needs {n} bytes, {self.left()} left"
+            )
+        out = self.raw[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def i32(self, what: str) -> int:
+        value: int = struct.unpack("<i", self.take(4, what))[0]
+        return value
+
+    def corrupt(self, what: str) -> ImatrixError:
+        return ImatrixError(f"{self.path}: corrupt .dat imatrix: {what}")
+
+
 def _parse_dat(path: str | os.PathLike[str]) -> _DatFile:
-    p = str(path)
+    p = os.fspath(path)
     try:
-        raw = Path(p).read_bytes()
+        rd = _DatReader(Path(p).read_bytes(), p)
     except FileNotFoundError as exc:
         raise ImatrixError(f"{p}: no such file") from exc
     except OSError as exc:
         raise ImatrixError(f"{p}: cannot read: {exc.strerror or exc}") from exc
-    pos = 0
-
-    def take(n: int, what: str) -> bytes:
-        nonlocal pos
-        if n < 0 or pos + n > len(raw):
-            raise ImatrixError(
-                f"{p}: truncated or corrupt .dat imatrix: {what} at byte {pos} needs {n} bytes, "
-                f"{len(raw) - pos} left"
-            )
-        out = raw[pos : pos + n]
-        pos += n
-        return out
-
-    def i32(what: str) -> int:
-        value: int = struct.unpack("<i", take(4, what))[0]
-        return value
-
-    n_entries = i32("entry count")
+    n_entries = rd.i32("entry count")
     if n_entries < 1:
         raise ImatrixError(f"{p}: not an imatrix (.dat header says {n_entries} entries)")
     # each entry needs at least 16 bytes: reject a lying header before looping
-    if n_entries * 16 > len(raw):
-        raise ImatrixError(
-            f"{p}: corrupt .dat imatrix: header claims {n_entries} entries in {len(raw)} bytes"
-        )
+    if n_entries * 16 > len(rd.raw):
+        raise rd.corrupt(f"header claims {n_entries} entries in {len(rd.raw)} bytes")
     entries: list[_DatEntry] = []
     seen: set[str] = set()
     for i in range(n_entries):
-        n = i32(f"name length of entry {i + 1}")
-        if not 0 < n <= _MAX_NAME:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: entry {i + 1} has name length {n}")
-        try:
-            name = take(n, f"name of entry {i + 1}").decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ImatrixError(
-                f"{p}: corrupt .dat imatrix: entry {i + 1} name is not UTF-8"
-            ) from exc
-        if "\0" in name:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: entry {i + 1} name has a NUL byte")
-        if name in seen:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: duplicate entry '{name}'")
-        seen.add(name)
-        ncall = i32(f"ncall of '{name}'")
-        nval = i32(f"value count of '{name}'")
-        if nval < 1:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: '{name}' has {nval} values")
-        vals = np.frombuffer(take(4 * nval, f"values of '{name}'"), dtype="<f4").copy()
-        entries.append(_DatEntry(name, ncall, vals))
+        entries.append(_dat_entry(rd, i + 1, seen))
     chunk_count = 0
     dataset: str | None = None
-    if pos < len(raw):
-        chunk_count = i32("chunk count")
-        ln = i32("dataset name length")
+    if rd.left() > 0:
+        chunk_count = rd.i32("chunk count")
+        ln = rd.i32("dataset name length")
         if ln < 0:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: dataset name length {ln}")
+            raise rd.corrupt(f"dataset name length {ln}")
         if ln > 0:
-            dataset = take(ln, "dataset name").decode("utf-8", errors="replace")
-        if pos != len(raw):
-            raise ImatrixError(
-                f"{p}: corrupt .dat imatrix: {len(raw) - pos} unexpected trailing bytes"
-            )
+            dataset = rd.take(ln, "dataset name").decode("utf-8", errors="replace")
+        if rd.left() != 0:
+            raise rd.corrupt(f"{rd.left()} unexpected trailing bytes")
     return _DatFile(entries, chunk_count, dataset)
+
+
+def _dat_entry(rd: _DatReader, k: int, seen: set[str]) -> _DatEntry:
+    """Entry number ``k`` (1-based): name, ncall, values; ``seen`` refuses duplicates."""
+    n = rd.i32(f"name length of entry {k}")
+    if not 0 < n <= _MAX_NAME:
+        raise rd.corrupt(f"entry {k} has name length {n}")
+    try:
+        name = rd.take(n, f"name of entry {k}").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise rd.corrupt(f"entry {k} name is not UTF-8") from exc
+    if "\0" in name:
+        raise rd.corrupt(f"entry {k} name has a NUL byte")
+    if name in seen:
+        raise rd.corrupt(f"duplicate entry '{name}'")
+    seen.add(name)
+    ncall = rd.i32(f"ncall of '{name}'")
+    nval = rd.i32(f"value count of '{name}'")
+    if nval < 1:
+        raise rd.corrupt(f"'{name}' has {nval} values")
+    vals = np.frombuffer(rd.take(4 * nval, f"values of '{name}'"), dtype="<f4").copy()
+    return _DatEntry(name, ncall, vals)
 
 
 def _read_dat(path: str | os.PathLike[str], chunk_size: int) -> ImatrixData:

@@ -506,18 +506,7 @@ class Context:
         self._cb_error: BaseException | None = None
         self._cb_c = None
         if cb_eval is not None:
-            user_cb = cb_eval
-
-            def _trampoline(t: int, ask: bool, _user: int | None) -> bool:
-                if self._cb_error is not None:
-                    return False
-                try:
-                    return bool(user_cb(t, ask))
-                except BaseException as exc:  # stop the graph; re-raised by decode()
-                    self._cb_error = exc
-                    return False
-
-            self._cb_c = lc.ggml_backend_sched_eval_callback(_trampoline)
+            self._cb_c = self._c_callback(cb_eval)
             cp.cb_eval = self._cb_c
             cp.cb_eval_user_data = None
         ptr = lc.llama_init_from_model(model.ptr, cp)
@@ -535,6 +524,21 @@ class Context:
         self.n_ubatch = int(lc.llama_n_ubatch(ptr))
         self.n_seq_max = int(lc.llama_n_seq_max(ptr))
         self.n_vocab = model.n_vocab
+
+    def _c_callback(self, user_cb: EvalCallback) -> Any:
+        """The C eval callback (kept referenced by the context) around ``user_cb``: an
+        exception stops the graph and is kept for :meth:`decode` to raise."""
+
+        def _trampoline(t: int, ask: bool, _user: int | None) -> bool:
+            if self._cb_error is not None:
+                return False
+            try:
+                return bool(user_cb(t, ask))
+            except BaseException as exc:  # stop the graph; re-raised by decode()
+                self._cb_error = exc
+                return False
+
+        return _llama().ggml_backend_sched_eval_callback(_trampoline)
 
     def _attach_threadpool(self, nt: int, ntb: int) -> None:
         """One persistent threadpool, as ``common_threadpools::init`` attaches it.

@@ -359,6 +359,11 @@ def _check_names_match(base: Path, imx: PreparedImatrix) -> None:
     )
 
 
+def _type_override(name: str | None, option: str) -> int:
+    """The ggml type id of an ``--output-tensor-type``-like option; "none" if not given."""
+    return GGML_TYPE_COUNT if name is None else parse_ggml_type(name, option)
+
+
 def _split_prefix(output: Path) -> Path:
     """llama-quantize drops a trailing ``.gguf`` from the output name with ``--keep-split``."""
     s = str(output)
@@ -406,16 +411,8 @@ def quantize(
         allow_requantize=allow_requantize,
         leave_output_tensor=leave_output_tensor,
         pure=pure,
-        output_tensor_type=(
-            GGML_TYPE_COUNT
-            if output_tensor_type is None
-            else parse_ggml_type(output_tensor_type, "--output-tensor-type")
-        ),
-        token_embedding_type=(
-            GGML_TYPE_COUNT
-            if token_embedding_type is None
-            else parse_ggml_type(token_embedding_type, "--token-embedding-type")
-        ),
+        output_tensor_type=_type_override(output_tensor_type, "--output-tensor-type"),
+        token_embedding_type=_type_override(token_embedding_type, "--token-embedding-type"),
         tensor_types=[parse_tensor_type(t) for t in tensor_types],
         override_kv=[
             kv if isinstance(kv, KVOverride) else parse_kv_override(kv) for kv in override_kv
@@ -432,13 +429,8 @@ def quantize(
         raise ImatrixError("--include-weights and --exclude-weights cannot be used together")
     _guard_asserting_types(opts, imx)
     params = _Params(opts, imx)
-    log.info(
-        "quantizing '%s' to '%s' as %s%s",
-        base_p,
-        out_p,
-        canon,
-        f" using {threads} threads" if threads else "",
-    )
+    using = f" using {threads} threads" if threads else ""
+    log.info("quantizing '%s' to '%s' as %s%s", base_p, out_p, canon, using)
     if keep_split:
         return _run_split(base_p, _split_prefix(out_p), params)
     with atomic_output(out_p) as tmp:

@@ -183,52 +183,70 @@ def _tensor_row(name: str, e: Entry) -> tuple[dict[str, Any], _TensorVectors]:
         "elements": n,
         "has_sums": e.sums is not None,
     }
-    nan = float("nan")
-    if n:
-        total = float(sq.sum())
-        mean = total / n
-        std = float(np.sqrt(max(0.0, float(np.mean(sq * sq)) - mean * mean)))
-        entropy = _entropy(sq / total) if total > 0 else 0.0
-        zd = float(np.count_nonzero((sq - mean) / std > 1.0)) / n if std > 0 else 0.0
-        r.update(
-            sum_sqact=total,
-            sqact_min=float(sq.min()),
-            sqact_max=float(sq.max()),
-            sqact_mean=mean,
-            sqact_std=std,
-            active_pct=100.0 * (1.0 - np.count_nonzero(np.abs(sq) <= ACTIVE_THRESHOLD) / n),
-            entropy=entropy,
-            entropy_norm_pct=100.0 * entropy / np.log2(n) if n > 1 else nan,
-            zd_pct=100.0 * zd,
-        )
-    else:
-        for k in ("sum_sqact", "sqact_min", "sqact_max", "sqact_mean", "sqact_std"):
-            r[k] = nan
-        r.update(active_pct=nan, entropy=nan, entropy_norm_pct=nan, zd_pct=nan)
-
+    r.update(_sqact_stats(sq))
     averages = None
     if e.sums is not None:
         smat = e.sums.reshape(n_mat, row)
         avg = np.zeros_like(smat)
         avg[live] = smat[live] / counts[live, None]
         averages = avg.reshape(-1)
-        act = avg[live].reshape(-1)
         if n:
-            amean = float(act.mean())
-            astd = float(act.std(ddof=1)) if n > 1 else 0.0
-            azd = (
-                float(np.count_nonzero(np.abs((act - amean) / astd) > 1.0)) / n if astd > 0 else 0.0
-            )
-            r.update(
-                act_min=float(act.min()),
-                act_max=float(act.max()),
-                act_mean=amean,
-                act_std=astd,
-                act_zd_pct=100.0 * azd,
-            )
+            r.update(_act_stats(avg[live].reshape(-1)))
     for k in ("act_min", "act_max", "act_mean", "act_std", "act_zd_pct"):
-        r.setdefault(k, nan)
+        r.setdefault(k, float("nan"))
     return r, _TensorVectors(e.values, averages, n > 0)
+
+
+_SQACT_KEYS = (
+    "sum_sqact",
+    "sqact_min",
+    "sqact_max",
+    "sqact_mean",
+    "sqact_std",
+    "active_pct",
+    "entropy",
+    "entropy_norm_pct",
+    "zd_pct",
+)
+
+
+def _sqact_stats(sq: np.ndarray) -> dict[str, float]:
+    """Statistics of the mean squared activations ``sq`` of one tensor (NaN if empty)."""
+    nan = float("nan")
+    n = int(sq.size)
+    if not n:
+        return dict.fromkeys(_SQACT_KEYS, nan)
+    total = float(sq.sum())
+    mean = total / n
+    std = float(np.sqrt(max(0.0, float(np.mean(sq * sq)) - mean * mean)))
+    entropy = _entropy(sq / total) if total > 0 else 0.0
+    zd = float(np.count_nonzero((sq - mean) / std > 1.0)) / n if std > 0 else 0.0
+    return {
+        "sum_sqact": total,
+        "sqact_min": float(sq.min()),
+        "sqact_max": float(sq.max()),
+        "sqact_mean": mean,
+        "sqact_std": std,
+        "active_pct": 100.0 * (1.0 - np.count_nonzero(np.abs(sq) <= ACTIVE_THRESHOLD) / n),
+        "entropy": entropy,
+        "entropy_norm_pct": 100.0 * entropy / np.log2(n) if n > 1 else nan,
+        "zd_pct": 100.0 * zd,
+    }
+
+
+def _act_stats(act: np.ndarray) -> dict[str, float]:
+    """Statistics of the mean activations ``act`` of one tensor's live experts."""
+    n = int(act.size)
+    amean = float(act.mean())
+    astd = float(act.std(ddof=1)) if n > 1 else 0.0
+    azd = float(np.count_nonzero(np.abs((act - amean) / astd) > 1.0)) / n if astd > 0 else 0.0
+    return {
+        "act_min": float(act.min()),
+        "act_max": float(act.max()),
+        "act_mean": amean,
+        "act_std": astd,
+        "act_zd_pct": 100.0 * azd,
+    }
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
