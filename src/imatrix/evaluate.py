@@ -613,6 +613,21 @@ class _Work:
     accs: list[Accumulator]
     base_nll: list[np.ndarray] = field(default_factory=list)
 
+    @classmethod
+    def create(
+        cls, stack: contextlib.ExitStack, plan: EvalPlan, n_vocab: int, method: str, n_quants: int
+    ) -> _Work:
+        """Buffers of one block, and row threads on every CPU (stopped by ``stack``)."""
+        pool = RowPool(default_workers())
+        stack.callback(pool.close)
+        return cls(
+            pool=pool,
+            p_buf=np.empty((plan.rows, n_vocab), dtype=np.float32),
+            work_buf=np.empty((plan.rows, n_vocab), dtype=np.float32),
+            kld_method=method,
+            accs=[Accumulator() for _ in range(n_quants)],
+        )
+
     def block(self, decoders: _Decoders, n_rows: int, targets: np.ndarray) -> None:
         """Score one decoded block: the base's distribution, then each quant against it."""
         ctxs = decoders.contexts
@@ -738,23 +753,9 @@ def evaluate(
         log.info(
             "evaluating %d model(s) against %s: %d chunks of %d tokens, %d scored per chunk, "
             "blocks of %d rows x %d vocabulary",
-            len(quants),
-            base,
-            plan.n_chunks,
-            n_ctx,
-            plan.n_scored,
-            plan.rows,
-            bm.n_vocab,
+            *(len(quants), base, plan.n_chunks, n_ctx, plan.n_scored, plan.rows, bm.n_vocab),
         )
-        pool = RowPool(default_workers())
-        stack.callback(pool.close)
-        work = _Work(
-            pool=pool,
-            p_buf=np.empty((plan.rows, bm.n_vocab), dtype=np.float32),
-            work_buf=np.empty((plan.rows, bm.n_vocab), dtype=np.float32),
-            kld_method=kld_method,
-            accs=[Accumulator() for _ in quants],
-        )
+        work = _Work.create(stack, plan, bm.n_vocab, kld_method, len(quants))
         bnll = _run_chunks(decoders, work, plan, tokens, bm.bos if bm.add_bos else None)
         facts = [model_facts(m) for m in models]
     common = {"n_chunks": plan.n_chunks, "n_ctx": n_ctx, "base": str(base), "text": str(text)}
