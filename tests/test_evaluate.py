@@ -8,8 +8,9 @@ tiny dense and MoE models and quants made from them:
   same batch layout (``-b n_ctx``: one sequence per batch, as we decode) every
   statistic agrees to float rounding. This pins down the tokens, chunks, BOS
   handling, scored positions and formulas.
-- the default exact method against llama-perplexity with its default settings: within
-  1 % relative (or 1e-4 absolute), the issue's criterion.
+- the default exact method against llama-perplexity on the same batch layout: equal to
+  the method's own difference (1e-4 relative); and with llama-perplexity's default
+  batches, within bounds set from measured batch-layout rounding (see each test).
 """
 
 from __future__ import annotations
@@ -183,19 +184,58 @@ def test_llama_method_equals_llama_perplexity(
     assert q["kld_mean"] > (1e-2 if qtype == "Q2_K" else 1e-4)  # a real divergence
 
 
-def test_exact_method_within_one_percent(
+def test_exact_method_equals_llama_perplexity_on_the_same_batches(
     llama_bin, tiny_model, quants, calib_text, tmp_path_factory, flush_logs_env
 ):
-    """The default method against llama-perplexity run with its own defaults."""
+    """The default method against llama-perplexity decoding the same batches as we do
+    (``-b n_ctx``): what remains is the method's own difference (the base's exact
+    float32 log-probabilities instead of uint16 steps cut at -16). Measured: PPL to 1e-8,
+    the base's PPL to 1.3e-6, every KLD figure to 2.3e-5 relative, top token and Δp to
+    llama-perplexity's printed precision; the bounds are about 4x that."""
+    quant = quants[_kind(tiny_model)]["Q2_K"]
+    ref = llama_perplexity_kld(
+        flush_logs_env,
+        llama_bin,
+        tiny_model,
+        quant,
+        calib_text,
+        tmp_path_factory.mktemp("kld"),
+        "-b",
+        str(N_CTX),
+    )
+    df = evaluate(tiny_model, [quant], calib_text, n_ctx=N_CTX, chunks=CHUNKS, threads=1)
+    q = df.iloc[1]
+    assert q["ppl"] == pytest.approx(ref["ppl"], rel=2e-6)
+    assert df.iloc[0]["ppl"] == pytest.approx(ref["ppl_base"], rel=5e-6)
+    for k in ("kld_mean", "kld_median", "kld_p99", "kld_max"):
+        assert q[k] == pytest.approx(ref[k], rel=1e-4, abs=2e-6), k
+    for k in ("same_top_p", "mean_dp", "rms_dp"):
+        assert q[k] == pytest.approx(ref[k], abs=1e-5), k
+
+
+def test_exact_method_against_llama_perplexity_defaults(
+    llama_bin, tiny_model, quants, calib_text, tmp_path_factory, flush_logs_env
+):
+    """The default method against llama-perplexity with its own defaults, which decode
+    four 128-token chunks per batch: llama.cpp's kernels round differently for that
+    batch layout, and both KLD methods move alike (the test above isolates the method).
+    Measured on these models: PPL 2e-4 relative, the base's 4e-5, KLD mean 2e-4; the
+    bounds are 5-10x that. The median and the 99th percentile are order statistics of a
+    few hundred per-token values that each move with the rounding (measured up to 0.25 %
+    and 0.73 %), so 1 % is their bound; the top token flips on one or two near-ties
+    (1 of 252 tokens, 2 of 756), so its bound is 0.01 absolute."""
     quant = quants[_kind(tiny_model)]["Q2_K"]
     ref = llama_perplexity_kld(
         flush_logs_env, llama_bin, tiny_model, quant, calib_text, tmp_path_factory.mktemp("kld")
     )
     df = evaluate(tiny_model, [quant], calib_text, n_ctx=N_CTX, chunks=CHUNKS, threads=1)
     q = df.iloc[1]
-    for k in ("ppl", "kld_mean", "kld_median", "kld_p99", "same_top_p"):
+    assert q["ppl"] == pytest.approx(ref["ppl"], rel=1e-3)
+    assert df.iloc[0]["ppl"] == pytest.approx(ref["ppl_base"], rel=2e-4)
+    assert q["kld_mean"] == pytest.approx(ref["kld_mean"], rel=2e-3)
+    for k in ("kld_median", "kld_p99"):
         assert q[k] == pytest.approx(ref[k], rel=0.01, abs=1e-4), k
-    assert df.iloc[0]["ppl"] == pytest.approx(ref["ppl_base"], rel=0.01)
+    assert q["same_top_p"] == pytest.approx(ref["same_top_p"], abs=0.01)
 
 
 def test_many_quants_at_once_equal_one_at_a_time(dense_model, quants, calib_text):
