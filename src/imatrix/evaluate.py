@@ -11,95 +11,109 @@ quantized model and each scored token:
 - ``KLD = sum_v p(v) (log p(v) - log q(v))`` over the full vocabulary, from the
   base's exact float32 log-probabilities (llama-perplexity stores them as uint16 steps
   and drops probabilities below e^-16; ``kld_method="llama"`` reproduces that, and the
-  tests prove it equal to llama-perplexity's figures; on gemma-3-270m the two methods
-  differ by 0.05 % in the mean KLD);
+  tests prove it equal to llama-perplexity's figures);
 - "same top p": the fraction of tokens where both models' most likely token agree;
 - Δp = q(next token) - p(next token); mean and RMS.
 
-Why evaluate chunk by chunk instead of caching the base's logits: a 262k-token
-vocabulary makes the base's log-probabilities 0.5 MB per token (llama-perplexity's
-file is 1.07 GB for 8 chunks of 512). Here the base and every quantized model are
-loaded side by side and decode each chunk in the same blocks of ``rows`` scored
+Why evaluate chunk by chunk instead of caching the base's logits: with a vocabulary
+of a quarter million tokens the base's log-probabilities take about 1 MB per token
+(llama-perplexity writes them all to a file). Here the base and every quantized model
+are loaded side by side and decode each chunk in the same blocks of ``rows`` scored
 positions, so only one block of logits per model exists at a time and nothing goes
 to disk; the numpy work happens in place in llama.cpp's logits buffers plus two
 ``rows x n_vocab`` float32 arrays.
 
-Memory beyond the (memory-mapped) weights: about 270 MiB fixed (Python, numpy,
-pandas, the llama.cpp contexts' KV caches and activations at ``n_ctx`` 512), plus
+Memory beyond the (memory-mapped) weights: a fixed part (Python, numpy, pandas, the
+llama.cpp contexts' KV caches and activations) plus
 ``(2 x n_models + 2) x rows x n_vocab x 4`` bytes: each context holds one block of
 logits in its compute buffer and one in its output buffer (``n_outputs_max`` caps
 both at ``rows``), numpy two. ``rows`` defaults to what makes one block
-:data:`DEFAULT_BLOCK_MB` (32 rows for a 262k vocabulary: 32 MiB per block, so 192 MiB
-for a base and one quant; measured 425-460 MiB beyond the weights in all for
-gemma-3-270m, against llama-perplexity's 1.9 GB, see benchmarks/evaluate.py). Each
-further quant adds 64 MiB at that size, plus its KV cache.
+:data:`DEFAULT_BLOCK_MB` (benchmarks/evaluate.py measures it against llama-perplexity).
 Small blocks mean many small decode graphs, and every graph node is a barrier for
 llama.cpp's threads, which costs dearly when other processes share the cores; so the
 models decode side by side, each on its share of ``threads`` (one thread each when
 there are as many models as threads), and the block numerics run on all cores
 between decodes. Small blocks are also numerically not quite llama-perplexity's,
 whose ubatch holds a whole chunk: llama.cpp's matrix kernels round differently for
-different batch sizes. On gemma-3-270m Q3_K_M,
-``rows=255`` (one call per chunk, as llama-perplexity) gives its mean KLD to 1e-4
-relative and its maximum to 1e-6; the default 32-row blocks move the mean by up to
-0.7 % and the maximum by up to 14 % (llama-perplexity's own ``-ub 32`` moves its
-maximum by 9 %).
+different batch sizes, so the figures move slightly with ``rows`` (as
+llama-perplexity's move with its ``-ub``); ``rows`` of a whole chunk's scored
+positions reproduces its batch layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pandas as pd
 
+from imatrix.atomic import atomic_output
+from imatrix.constants import (
+    KEY_GENERAL_FILE_TYPE,
+    KEY_QUANTIZE_IMATRIX_FILE,
+    KEYS_QUANTIZE_IMATRIX,
+    split_paths,
+)
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_output
 from imatrix.qtypes import QUANT_TYPES
 
+if TYPE_CHECKING:
+    from imatrix.llama_api import Model
+
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 #: numpy working memory per array of logits rows (four such arrays are live)
 DEFAULT_BLOCK_MB = 32
 
-#: column order of the summary table (one row per model)
-SUMMARY_COLUMNS = [
-    "model",
-    "type",
-    "imatrix",
-    "is_base",
-    "file_size",
-    "n_params",
-    "bpw",
-    "ppl",
-    "ppl_err",
-    "ln_ppl_ratio",
-    "kld_mean",
-    "kld_err",
-    "kld_median",
-    "kld_p99",
-    "kld_max",
-    "same_top_p",
-    "mean_dp",
-    "rms_dp",
-    "n_tokens",
-    "n_chunks",
-    "n_ctx",
-    "path",
-    "base",
-    "imatrix_file",
-    "text",
-]
+#: The summary table's columns (one row per model, the base first), in order, and what
+#: each holds. Figures a quant shares with llama-perplexity's ``--kl-divergence``
+#: output are computed as it computes them; the base row has KLD 0 and top-token
+#: agreement 1.
+SUMMARY_COLUMN_DOCS: dict[str, str] = {
+    "model": "file name without .gguf",
+    "type": "llama-quantize type from general.file_type (F16, Q4_K_M, ...)",
+    "imatrix": "quantized with an imatrix (quantize.imatrix.* not inherited from the base)",
+    "is_base": "the reference model",
+    "file_size": "bytes on disk (all splits)",
+    "n_params": "parameters",
+    "bpw": "tensor bits per weight, as llama.cpp prints it",
+    "ppl": "perplexity on the scored tokens",
+    "ppl_err": "its uncertainty, as llama-perplexity prints it",
+    "ln_ppl_ratio": "mean nll minus the base's: ln(PPL(Q) / PPL(base))",
+    "kld_mean": "mean KL divergence from the base per scored token",
+    "kld_err": "standard error of kld_mean over tokens, as llama-perplexity prints it",
+    "kld_ci_low": "kld_mean - 1.96 x standard error of the per-chunk mean KLDs (NaN for one chunk)",
+    "kld_ci_high": "kld_mean + 1.96 x the same standard error: a 95 % confidence interval",
+    "kld_median": "median KLD",
+    "kld_p99": "99th percentile of the KLD",
+    "kld_max": "largest KLD of a token",
+    "same_top_p": "fraction of tokens where both models' most likely token agree",
+    "mean_dp": "mean of q(next token) - p(next token)",
+    "rms_dp": "root mean square of the same",
+    "n_tokens": "scored tokens",
+    "n_chunks": "chunks of n_ctx tokens",
+    "n_ctx": "chunk size",
+    "path": "the model file",
+    "base": "the base model file",
+    "imatrix_file": "quantize.imatrix.file of the model (null when absent)",
+    "text": "the evaluation text",
+}
+SUMMARY_COLUMNS = list(SUMMARY_COLUMN_DOCS)
+#: columns added later: missing (NaN) in older summaries, which can still be merged
+_ADDED_COLUMNS = ("kld_ci_low", "kld_ci_high")
 
 _ALIASES = {"Q3_K", "Q4_K", "Q5_K", "COPY"}
-_IMATRIX_KEYS = ("file", "dataset", "entries_count", "chunks_count")
 _FTYPE_NAMES = {v: k for k, v in reversed(QUANT_TYPES.items()) if k not in _ALIASES}
 
 
@@ -129,7 +143,7 @@ def _log_softmax_inplace(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """
     x -= x.max(axis=1, keepdims=True)
     np.exp(x, out=scratch)
-    sums = scratch.sum(axis=1, dtype=np.float64)
+    sums: np.ndarray = scratch.sum(axis=1, dtype=np.float64)
     x -= np.log(sums).astype(np.float32)[:, None]
     return sums
 
@@ -226,7 +240,7 @@ class RowPool:
         bounds = np.linspace(0, r, n + 1).astype(int)
         return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
-    def _map(self, fn, items):
+    def _map(self, fn: Callable[[slice], _R], items: list[slice]) -> list[_R]:
         if self._pool is None or len(items) == 1:
             return [fn(it) for it in items]
         return list(self._pool.map(fn, items))
@@ -278,11 +292,22 @@ class Accumulator:
     dp: list[np.ndarray] = field(default_factory=list)
     same_top: list[np.ndarray] = field(default_factory=list)
 
+    #: mean KLD of each chunk (for the confidence interval of the mean)
+    chunk_kld: list[float] = field(default_factory=list)
+    _chunk_start: int = 0
+
     def add(self, s: BlockStats) -> None:
         self.nll.append(s.nll)
         self.kld.append(s.kld)
         self.dp.append(s.dp)
         self.same_top.append(s.same_top)
+
+    def end_chunk(self) -> None:
+        """Close a chunk: record the mean KLD of the blocks added since the last one."""
+        blocks = self.kld[self._chunk_start :]
+        if blocks:
+            self.chunk_kld.append(float(np.concatenate(blocks).mean()))
+        self._chunk_start = len(self.kld)
 
 
 def _mean_err(x: np.ndarray) -> tuple[float, float]:
@@ -295,6 +320,24 @@ def _mean_err(x: np.ndarray) -> tuple[float, float]:
     return f, (math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0)
 
 
+#: two-sided 95 % normal quantile, for the confidence interval of the mean KLD
+_Z95 = 1.96
+
+
+def chunk_ci(mean: float, chunk_means: Sequence[float]) -> tuple[float, float]:
+    """``mean ± 1.96 x`` the standard error of the per-chunk means (NaN for one chunk).
+
+    Why per chunk and not per token (``kld_err``, llama-perplexity's figure): tokens of
+    one chunk share their context, so their divergences are correlated and the
+    per-token standard error is too small; chunks are evaluated independently.
+    """
+    n = len(chunk_means)
+    if n < 2:
+        return math.nan, math.nan
+    se = float(np.std(np.asarray(chunk_means, dtype=np.float64), ddof=1)) / math.sqrt(n)
+    return mean - _Z95 * se, mean + _Z95 * se
+
+
 def summarize(acc: Accumulator, base_nll: np.ndarray) -> dict[str, float]:
     """The statistics llama-perplexity prints, from per-token values."""
     nll = np.concatenate(acc.nll)
@@ -303,12 +346,15 @@ def summarize(acc: Accumulator, base_nll: np.ndarray) -> dict[str, float]:
     top = np.concatenate(acc.same_top)
     lp, lp_err = _mean_err(nll)
     kl, kl_err = _mean_err(kld)
+    ci_low, ci_high = chunk_ci(kl, acc.chunk_kld)
     return {
         "ppl": math.exp(lp),
         "ppl_err": math.exp(lp) * lp_err,
         "ln_ppl_ratio": lp - float(base_nll.mean()),
         "kld_mean": kl,
         "kld_err": kl_err,
+        "kld_ci_low": ci_low,
+        "kld_ci_high": ci_high,
         "kld_median": float(np.median(kld)),
         "kld_p99": float(np.percentile(kld, 99.0)),
         "kld_max": float(kld.max()),
@@ -327,6 +373,8 @@ def base_summary(base_nll: np.ndarray) -> dict[str, float]:
         "ln_ppl_ratio": 0.0,
         "kld_mean": 0.0,
         "kld_err": 0.0,
+        "kld_ci_low": 0.0,
+        "kld_ci_high": 0.0,
         "kld_median": 0.0,
         "kld_p99": 0.0,
         "kld_max": 0.0,
@@ -357,25 +405,18 @@ class ModelFacts:
 
 
 def _split_files(path: Path) -> list[Path]:
-    """All shards of a split model (``X-00001-of-00003.gguf``), else the file itself."""
-    name = path.name
-    if len(name) > 20 and name.endswith(".gguf") and name[-20] == "-" and name[-14:-10] == "-of-":
-        stem, total = name[:-20], name[-10:-5]
-        if total.isdigit():
-            shards = [
-                path.with_name(f"{stem}-{i:05d}-of-{total}.gguf") for i in range(1, int(total) + 1)
-            ]
-            if all(s.is_file() for s in shards):
-                return shards
-    return [path]
+    """All splits of a split model (``X-00001-of-00003.gguf``) when all exist, else the
+    file itself."""
+    splits = split_paths(path)
+    return splits if all(s.is_file() for s in splits) else [path]
 
 
-def model_facts(model) -> ModelFacts:
+def model_facts(model: Model) -> ModelFacts:
     """Type (from ``general.file_type``), imatrix use (``quantize.imatrix.file``),
     file size and bits per weight (tensor bytes x 8 / parameters, as llama.cpp prints)."""
     import llama_cpp
 
-    ftype_s = model.meta("general.file_type")
+    ftype_s = model.meta(KEY_GENERAL_FILE_TYPE)
     try:
         ftype = int(ftype_s) & ~1024 if ftype_s is not None else None
     except ValueError:
@@ -388,8 +429,8 @@ def model_facts(model) -> ModelFacts:
         path=model.path,
         name=model.path.name.removesuffix(".gguf"),
         type=qtype,
-        imatrix_file=model.meta("quantize.imatrix.file"),
-        imatrix_keys=tuple(model.meta(f"quantize.imatrix.{k}") for k in _IMATRIX_KEYS),
+        imatrix_file=model.meta(KEY_QUANTIZE_IMATRIX_FILE),
+        imatrix_keys=tuple(model.meta(k) for k in KEYS_QUANTIZE_IMATRIX),
         file_size=sum(f.stat().st_size for f in files),
         n_params=n_params,
         bpw=size * 8.0 / n_params if n_params else float("nan"),
@@ -423,6 +464,248 @@ def default_rows(n_vocab: int, n_scored: int, block_mb: float = DEFAULT_BLOCK_MB
 # the evaluation
 
 
+@dataclass(frozen=True)
+class EvalPlan:
+    """How the text is cut and decoded: chunks, scored positions, block rows, threads."""
+
+    n_ctx: int
+    n_chunks: int
+    #: first scored position of a chunk (its logits predict the token after it)
+    first: int
+    n_scored: int
+    rows: int
+    n_threads: int
+    #: models decoding side by side, each on ``n_threads // n_workers`` threads
+    n_workers: int
+
+
+def _check_arguments(
+    quants: Sequence[object], n_ctx: int, chunks: int | None, kld_method: str
+) -> None:
+    if n_ctx < 4:
+        raise ImatrixError(f"context size must be at least 4, got {n_ctx}")
+    if chunks is not None and chunks <= 0:
+        raise ImatrixError(f"--chunks must be positive, got {chunks}")
+    if not quants:
+        raise ImatrixError("nothing to evaluate: give at least one quantized model")
+    if kld_method not in KLD_METHODS:
+        raise ImatrixError(f"unknown KLD method '{kld_method}' (use {' or '.join(KLD_METHODS)})")
+
+
+def make_plan(
+    n_tokens: int,
+    n_vocab: int,
+    n_models: int,
+    *,
+    n_ctx: int,
+    chunks: int | None,
+    rows: int | None,
+    threads: int,
+) -> EvalPlan:
+    """The chunks, block size and thread split for ``n_tokens`` tokens of text.
+
+    The models decode side by side, each on its share of the threads: small blocks make
+    many small graphs, and one model per thread avoids the thread barriers inside each
+    graph (costly when other processes share the cores).
+    """
+    n_max = n_tokens // n_ctx
+    n_chunks = n_max if chunks is None else min(chunks, n_max)
+    first = n_ctx // 2
+    n_scored = n_ctx - 1 - first
+    r = rows if rows else default_rows(n_vocab, n_scored)
+    n_workers = max(1, min(threads, n_models))
+    return EvalPlan(
+        n_ctx=n_ctx,
+        n_chunks=n_chunks,
+        first=first,
+        n_scored=n_scored,
+        rows=max(1, min(r, n_scored)),
+        n_threads=threads,
+        n_workers=n_workers,
+    )
+
+
+def _load_quants(
+    stack: contextlib.ExitStack,
+    bm: Model,
+    base: str | os.PathLike[str],
+    quants: Sequence[str | os.PathLike[str]],
+    n_gpu_layers: int,
+) -> list[Model]:
+    """Every quant, each closed by ``stack``; refuses one with another vocabulary."""
+    from imatrix.llama_api import load_model
+
+    models = []
+    for q in quants:
+        qm = stack.enter_context(load_model(q, n_gpu_layers=n_gpu_layers))
+        models.append(qm)
+        if qm.n_vocab != bm.n_vocab:
+            raise ImatrixError(
+                f"{q}: vocabulary of {qm.n_vocab} tokens differs from the base's "
+                f"{bm.n_vocab} ({base})"
+            )
+    return models
+
+
+def _text_tokens(
+    model: Model, data: bytes, text: object, n_ctx: int, parse_special: bool
+) -> np.ndarray:
+    """The text's tokens as llama-perplexity makes them; at least two chunks' worth."""
+    from imatrix.llama_api import tokenize
+
+    tokens = tokenize(model, data, add_special=True, parse_special=parse_special)
+    if tokens.size < 2 * n_ctx:
+        raise ImatrixError(
+            f"{text}: tokenizes to only {tokens.size} tokens; at least {2 * n_ctx} are "
+            f"needed for a context of {n_ctx}"
+        )
+    return tokens
+
+
+class _Decoders:
+    """One llama.cpp context per model, decoding each block side by side."""
+
+    def __init__(self, stack: contextlib.ExitStack, models: list[Model], plan: EvalPlan) -> None:
+        from imatrix.llama_api import Batch, Context
+
+        self.contexts = [
+            stack.enter_context(
+                Context(
+                    m,
+                    n_ctx=plan.n_ctx,
+                    n_batch=plan.n_ctx,
+                    n_ubatch=min(512, plan.n_ctx),
+                    n_seq_max=1,
+                    n_threads=max(1, plan.n_threads // plan.n_workers),
+                    n_outputs_max=plan.rows,
+                )
+            )
+            for m in models
+        ]
+        self.batch = Batch(plan.n_ctx)
+        self._pool: ThreadPoolExecutor | None = None
+        if plan.n_workers > 1:
+            self._pool = ThreadPoolExecutor(plan.n_workers)
+            stack.callback(self._pool.shutdown)
+
+    def clear(self) -> None:
+        for ctx in self.contexts:
+            ctx.clear()
+
+    def decode(self, tokens: np.ndarray, pos: np.ndarray, want: np.ndarray) -> None:
+        """Decode one batch in every context (logits only where ``want``)."""
+        self.batch.set(tokens, pos, 0, want)
+        if self._pool is None:
+            for ctx in self.contexts:
+                ctx.decode(self.batch)
+        else:
+            list(self._pool.map(lambda ctx: ctx.decode(self.batch), self.contexts))
+
+
+@dataclass
+class _Work:
+    """The numpy side of an evaluation: buffers, row threads and the accumulated values."""
+
+    pool: RowPool
+    p_buf: np.ndarray
+    work_buf: np.ndarray
+    kld_method: str
+    accs: list[Accumulator]
+    base_nll: list[np.ndarray] = field(default_factory=list)
+
+    @classmethod
+    def create(
+        cls, stack: contextlib.ExitStack, plan: EvalPlan, n_vocab: int, method: str, n_quants: int
+    ) -> _Work:
+        """Buffers of one block, and row threads on every CPU (stopped by ``stack``)."""
+        pool = RowPool(default_workers())
+        stack.callback(pool.close)
+        return cls(
+            pool=pool,
+            p_buf=np.empty((plan.rows, n_vocab), dtype=np.float32),
+            work_buf=np.empty((plan.rows, n_vocab), dtype=np.float32),
+            kld_method=method,
+            accs=[Accumulator() for _ in range(n_quants)],
+        )
+
+    def block(self, decoders: _Decoders, n_rows: int, targets: np.ndarray) -> None:
+        """Score one decoded block: the base's distribution, then each quant against it."""
+        ctxs = decoders.contexts
+        bb = self.pool.base(ctxs[0].logits(n_rows), targets, self.p_buf, self.kld_method)
+        self.base_nll.append(bb.nll)
+        for ctx, acc in zip(ctxs[1:], self.accs, strict=True):
+            acc.add(self.pool.compare(ctx.logits(n_rows), targets, bb, self.work_buf))
+
+
+def evaluate_chunk(
+    decoders: _Decoders, work: _Work, plan: EvalPlan, window: np.ndarray, targets: np.ndarray
+) -> None:
+    """One chunk from an empty cache, in blocks of ``plan.rows`` scored positions.
+
+    Each decode continues the chunk from where the previous block ended; only the
+    scored positions of the block ask for logits. ``targets`` are the next tokens of
+    the scored positions, taken from the text (not the BOS-patched window).
+    """
+    decoders.clear()
+    start = 0
+    end = plan.first + plan.n_scored
+    for lo in range(plan.first, end, plan.rows):
+        hi = min(lo + plan.rows, end)
+        pos = np.arange(start, hi, dtype=np.int32)
+        decoders.decode(window[start:hi], pos, pos >= lo)
+        work.block(decoders, hi - lo, targets[lo - plan.first : hi - plan.first])
+        start = hi
+    for acc in work.accs:
+        acc.end_chunk()
+
+
+def _run_chunks(
+    decoders: _Decoders, work: _Work, plan: EvalPlan, tokens: np.ndarray, bos: int | None
+) -> np.ndarray:
+    """Every chunk; returns the base's per-token nll."""
+    from tqdm import tqdm
+
+    windows = chunk_tokens(tokens, plan.n_ctx, plan.n_chunks, bos)
+    for c in tqdm(range(plan.n_chunks), desc="evaluate", unit="chunk", disable=None):
+        off = c * plan.n_ctx
+        targets = tokens[off + plan.first + 1 : off + plan.n_ctx]
+        evaluate_chunk(decoders, work, plan, windows[c], targets)
+    return np.concatenate(work.base_nll)
+
+
+def summary_table(
+    facts: list[ModelFacts],
+    base_nll: np.ndarray,
+    accs: list[Accumulator],
+    common: dict[str, object],
+) -> pd.DataFrame:
+    """One row per model (the base first) with the columns :data:`SUMMARY_COLUMNS`."""
+    rows_out = []
+    for i, f in enumerate(facts):
+        stats = base_summary(base_nll) if i == 0 else summarize(accs[i - 1], base_nll)
+        rows_out.append(
+            {
+                "model": f.name,
+                "type": f.type,
+                # quantized with an imatrix: it has quantize.imatrix.* entries that it did
+                # not inherit from the base (a base requantized from an imatrix quant
+                # passes its entries on to every quant made from it)
+                "imatrix": i > 0
+                and f.imatrix_file is not None
+                and f.imatrix_keys != facts[0].imatrix_keys,
+                "is_base": i == 0,
+                "file_size": f.file_size,
+                "n_params": f.n_params,
+                "bpw": f.bpw,
+                **stats,
+                **common,
+                "path": str(f.path),
+                "imatrix_file": f.imatrix_file,
+            }
+        )
+    return pd.DataFrame(rows_out, columns=SUMMARY_COLUMNS)
+
+
 def evaluate(
     base: str | os.PathLike[str],
     quants: Sequence[str | os.PathLike[str]],
@@ -447,143 +730,36 @@ def evaluate(
     the module docstring). Raises :class:`ImatrixError` for a text that is too
     short, a model that does not load, or models with different vocabularies.
     """
-    from tqdm import tqdm
-
-    from imatrix.llama_api import Batch, Context, default_threads, load_model, tokenize
+    from imatrix.llama_api import default_threads, load_model
     from imatrix.tokenize import read_text
 
-    if n_ctx < 4:
-        raise ImatrixError(f"context size must be at least 4, got {n_ctx}")
-    if chunks is not None and chunks <= 0:
-        raise ImatrixError(f"--chunks must be positive, got {chunks}")
-    if not quants:
-        raise ImatrixError("nothing to evaluate: give at least one quantized model")
-    if kld_method not in KLD_METHODS:
-        raise ImatrixError(f"unknown KLD method '{kld_method}' (use {' or '.join(KLD_METHODS)})")
-    data = read_text(text)
-    models = []
-    contexts = []
-    pool = None
-    decoders = None
-    try:
-        bm = load_model(base, n_gpu_layers=n_gpu_layers)
-        models.append(bm)
-        tokens = tokenize(bm, data, add_special=True, parse_special=parse_special)
-        if tokens.size < 2 * n_ctx:
-            raise ImatrixError(
-                f"{text}: tokenizes to only {tokens.size} tokens; at least {2 * n_ctx} are "
-                f"needed for a context of {n_ctx}"
-            )
-        n_max = tokens.size // n_ctx
-        n_chunks = n_max if chunks is None else min(chunks, n_max)
-        for q in quants:
-            qm = load_model(q, n_gpu_layers=n_gpu_layers)
-            models.append(qm)
-            if qm.n_vocab != bm.n_vocab:
-                raise ImatrixError(
-                    f"{q}: vocabulary of {qm.n_vocab} tokens differs from the base's "
-                    f"{bm.n_vocab} ({base})"
-                )
-        n_vocab = bm.n_vocab
-        first = n_ctx // 2
-        n_scored = n_ctx - 1 - first
-        r = rows if rows else default_rows(n_vocab, n_scored)
-        r = max(1, min(r, n_scored))
-        # the models decode side by side, each on its share of the threads: small
-        # blocks make many small graphs, and one model per thread avoids the thread
-        # barriers inside each graph (costly when other processes share the cores)
+    _check_arguments(quants, n_ctx, chunks, kld_method)
+    data = read_text(Path(text))
+    with contextlib.ExitStack() as stack:
+        bm = stack.enter_context(load_model(base, n_gpu_layers=n_gpu_layers))
+        tokens = _text_tokens(bm, data, text, n_ctx, parse_special)
+        models = [bm, *_load_quants(stack, bm, base, quants, n_gpu_layers)]
         n_threads = threads if threads and threads > 0 else default_threads()
-        n_workers = max(1, min(n_threads, len(models)))
-        for m in models:
-            contexts.append(
-                Context(
-                    m,
-                    n_ctx=n_ctx,
-                    n_batch=n_ctx,
-                    n_ubatch=min(512, n_ctx),
-                    n_seq_max=1,
-                    n_threads=max(1, n_threads // n_workers),
-                    n_outputs_max=r,
-                )
-            )
-        decoders = ThreadPoolExecutor(n_workers) if n_workers > 1 else None
+        plan = make_plan(
+            tokens.size,
+            bm.n_vocab,
+            len(models),
+            n_ctx=n_ctx,
+            chunks=chunks,
+            rows=rows,
+            threads=n_threads,
+        )
+        decoders = _Decoders(stack, models, plan)
         log.info(
             "evaluating %d model(s) against %s: %d chunks of %d tokens, %d scored per chunk, "
             "blocks of %d rows x %d vocabulary",
-            len(quants),
-            base,
-            n_chunks,
-            n_ctx,
-            n_scored,
-            r,
-            n_vocab,
+            *(len(quants), base, plan.n_chunks, n_ctx, plan.n_scored, plan.rows, bm.n_vocab),
         )
-        p_buf = np.empty((r, n_vocab), dtype=np.float32)
-        work_buf = np.empty((r, n_vocab), dtype=np.float32)
-        pool = RowPool(default_workers())
-        windows = chunk_tokens(tokens, n_ctx, n_chunks, bm.bos if bm.add_bos else None)
-        batch = Batch(n_ctx)
-        base_nll: list[np.ndarray] = []
-        accs = [Accumulator() for _ in quants]
-        for c in tqdm(range(n_chunks), desc="evaluate", unit="chunk", disable=None):
-            win = windows[c]
-            # the true next tokens come from the text, not the BOS-patched window
-            targets_all = tokens[c * n_ctx + first + 1 : c * n_ctx + n_ctx]
-            for ctx in contexts:
-                ctx.clear()
-            start = 0
-            for lo in range(first, first + n_scored, r):
-                hi = min(lo + r, first + n_scored)
-                pos = np.arange(start, hi, dtype=np.int32)
-                want = pos >= lo
-                targets = targets_all[lo - first : hi - first]
-                batch.set(win[start:hi], pos, 0, want)
-                if decoders is None:
-                    for ctx in contexts:
-                        ctx.decode(batch)
-                else:
-                    list(decoders.map(lambda ctx: ctx.decode(batch), contexts))
-                bb = pool.base(contexts[0].logits(hi - lo), targets, p_buf, kld_method)
-                base_nll.append(bb.nll)
-                for ctx, acc in zip(contexts[1:], accs, strict=True):
-                    acc.add(pool.compare(ctx.logits(hi - lo), targets, bb, work_buf))
-                start = hi
-        bnll = np.concatenate(base_nll)
+        work = _Work.create(stack, plan, bm.n_vocab, kld_method, len(quants))
+        bnll = _run_chunks(decoders, work, plan, tokens, bm.bos if bm.add_bos else None)
         facts = [model_facts(m) for m in models]
-    finally:
-        if decoders is not None:
-            decoders.shutdown()
-        if pool is not None:
-            pool.close()
-        for ctx in contexts:
-            ctx.close()
-        for m in models:
-            m.close()
-    rows_out = []
-    common = {"n_chunks": n_chunks, "n_ctx": n_ctx, "base": str(base), "text": str(text)}
-    for i, f in enumerate(facts):
-        stats = base_summary(bnll) if i == 0 else summarize(accs[i - 1], bnll)
-        rows_out.append(
-            {
-                "model": f.name,
-                "type": f.type,
-                # quantized with an imatrix: it has quantize.imatrix.* entries that it did
-                # not inherit from the base (a base requantized from an imatrix quant
-                # passes its entries on to every quant made from it)
-                "imatrix": i > 0
-                and f.imatrix_file is not None
-                and f.imatrix_keys != facts[0].imatrix_keys,
-                "is_base": i == 0,
-                "file_size": f.file_size,
-                "n_params": f.n_params,
-                "bpw": f.bpw,
-                **stats,
-                **common,
-                "path": str(f.path),
-                "imatrix_file": f.imatrix_file,
-            }
-        )
-    return pd.DataFrame(rows_out, columns=SUMMARY_COLUMNS)
+    common = {"n_chunks": plan.n_chunks, "n_ctx": n_ctx, "base": str(base), "text": str(text)}
+    return summary_table(facts, bnll, work.accs, common)
 
 
 def write_summary(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
@@ -614,6 +790,9 @@ def merge_summaries(
     if not frames:
         raise ImatrixError("no summaries to merge")
     df = pd.concat(frames, ignore_index=True)
+    for col in _ADDED_COLUMNS:  # summaries written before the column existed
+        if col not in df.columns:
+            df[col] = math.nan
     missing = [c for c in SUMMARY_COLUMNS if c not in df.columns]
     if missing:
         raise ImatrixError(f"summary lacks columns {missing}")

@@ -9,23 +9,21 @@ boundary, for our bytes to equal llama-imatrix's.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import glob
 import json
 import logging
 import os
-import re
-import socket
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from imatrix import __version__, faults
+from imatrix import __version__
+from imatrix.atomic import atomic_write as atomic_write  # re-exported for older importers
+from imatrix.atomic import check_writable as check_writable  # re-exported for collect
+from imatrix.atomic import remove_stale_temporaries as remove_stale_temporaries  # likewise
 from imatrix.constants import (
     DEFAULT_CHUNK_SIZE,
     GENERAL_TYPE_IMATRIX,
@@ -42,9 +40,10 @@ from imatrix.constants import (
     SUFFIX_COUNTS,
     SUFFIX_IN_SUM,
     SUFFIX_IN_SUM2,
+    GGUFValueType,
 )
 from imatrix.errors import ImatrixError
-from imatrix.gguf_io import GGML_TYPE_F32, GGUFFile, GGUFValueType, GGUFWriter, read_gguf
+from imatrix.gguf_io import GGML_TYPE_F32, GGUFFile, GGUFWriter, read_gguf
 from imatrix.model import Entry, ImatrixData, Provenance
 
 log = logging.getLogger(__name__)
@@ -58,141 +57,10 @@ _MAX_NAME = 1 << 16
 
 
 # ---------------------------------------------------------------------------
-# atomic writes
-
-
-def atomic_write(path: str | Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that no reader ever sees a partial file.
-
-    Temporary file in the same directory, fsync, rename over the target, fsync of the
-    directory. On any failure the temporary file is removed and the target is left as
-    it was (a previous file under that name survives untouched).
-    """
-    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-        view, half = memoryview(payload), len(payload) // 2
-        fh.write(view[:half])
-        if faults.ENV in os.environ:  # crash tests: kill with half the bytes written
-            fh.flush()
-            faults.point("write.partial", path)
-        fh.write(view[half:])
-
-
-_HOST = socket.gethostname()
-
-
-def _remove_dead_writers_temporaries(target: Path, parent: Path) -> None:
-    """Remove the temporary files of ``target`` whose writers died (killed half-way):
-    a temporary file is named after its writer's pid and host, and one of this host
-    whose pid no longer exists can only be garbage. Files of other hosts (a shared file
-    system) are left to :func:`remove_stale_temporaries` under a lock."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)@(.+)\.[^.]*\.tmp$")
-    with contextlib.suppress(OSError):
-        for p in parent.glob(f".{glob.escape(target.name)}.*@*.tmp"):
-            m = pattern.match(p.name)
-            if m is None or m.group(2) != _HOST or int(m.group(1)) == os.getpid():
-                continue
-            try:
-                os.kill(int(m.group(1)), 0)
-            except ProcessLookupError:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                    log.info("removed %s, left by a writer that was killed", p)
-            except OSError:
-                pass  # alive (another user's process) or unknowable: leave it
-
-
-def _temp_beside(target: Path) -> tuple[Path, str]:
-    """A new empty temporary file in ``target``'s directory, with clear errors when
-    that directory is missing or not writable."""
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise ImatrixError(f"{target}: output directory {parent} does not exist")
-    if target.is_dir():
-        raise ImatrixError(f"{target}: is a directory")
-    _remove_dead_writers_temporaries(target, parent)
-    try:
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{target.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=parent
-        )
-    except PermissionError as exc:
-        raise ImatrixError(
-            f"{target}: cannot write to directory {parent} (permission denied)"
-        ) from exc
-    except OSError as exc:
-        raise ImatrixError(f"{target}: cannot create a file in {parent}: {exc.strerror}") from exc
-    os.close(fd)
-    return parent, tmp
-
-
-def check_writable(path: str | Path) -> None:
-    """Fail now, not after hours of work, if ``path`` could not be written at the end
-    (missing or read-only directory, a directory in the way)."""
-    _parent, tmp = _temp_beside(Path(path))
-    os.unlink(tmp)
-
-
-def remove_stale_temporaries(path: str | Path) -> int:
-    """Remove temporary files that killed writers of ``path`` left behind (the
-    ``.<name>.*.tmp`` files of :func:`atomic_output`); returns how many.
-
-    Only for a caller that knows it is the sole writer of ``path`` (e.g. holds
-    :func:`imatrix.writelock.exclusive_writer`): another live writer's temporary file
-    would be removed under it.
-    """
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    n = 0
-    for p in parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        with contextlib.suppress(OSError):
-            p.unlink()
-            n += 1
-    return n
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path):
-    """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
-
-    For writers that need a file name (llama.cpp's quantizer, pyarrow): they write the
-    temporary file, and only a complete file ever appears under the final name.
-    """
-    target = Path(path)
-    parent, tmp = _temp_beside(target)
-    try:
-        yield tmp
-        faults.point("write.complete", target)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-        faults.point("write.renamed", target)
-        with contextlib.suppress(OSError):
-            dfd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if exc.errno == errno.ENOSPC:
-            raise ImatrixError(f"{target}: no space left on device while writing") from exc
-        if exc.errno == errno.EFBIG:
-            raise ImatrixError(
-                f"{target}: write failed: file too large (file size limit, see ulimit -f)"
-            ) from exc
-        raise ImatrixError(f"{target}: write failed: {exc.strerror or exc}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-# ---------------------------------------------------------------------------
 # detection and reading
 
 
-def detect_format(path: str | Path) -> str:
+def detect_format(path: str | os.PathLike[str]) -> str:
     """``gguf`` or ``dat``, from the file's first bytes (never from its name)."""
     try:
         with open(path, "rb") as fh:
@@ -209,7 +77,7 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_imatrix(
-    path: str | Path, *, chunk_size: int | None = None, strict: bool = True
+    path: str | os.PathLike[str], *, chunk_size: int | None = None, strict: bool = True
 ) -> ImatrixData:
     """Read an imatrix file of either format.
 
@@ -246,7 +114,7 @@ def _kv_str(g: GGUFFile, key: str) -> str | None:
         return None
     if kv.type != GGUFValueType.STRING:
         raise ImatrixError(f"{g.path}: key '{key}' should be a string")
-    return kv.value
+    return str(kv.value)
 
 
 def _kv_u32(g: GGUFFile, key: str) -> int | None:
@@ -333,78 +201,90 @@ class _DatFile:
     dataset: str | None
 
 
-def _parse_dat(path: str | Path) -> _DatFile:
-    p = str(path)
+class _DatReader:
+    """Bounds-checked little-endian reads of a legacy file; an overrun names the file."""
+
+    def __init__(self, raw: bytes, path: str) -> None:
+        self.raw = raw
+        self.path = path
+        self.pos = 0
+
+    def left(self) -> int:
+        return len(self.raw) - self.pos
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or n > self.left():
+            raise ImatrixError(
+                f"{self.path}: truncated or corrupt .dat imatrix: {what} at byte {self.pos} "
+                f"needs {n} bytes, {self.left()} left"
+            )
+        out = self.raw[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def i32(self, what: str) -> int:
+        value: int = struct.unpack("<i", self.take(4, what))[0]
+        return value
+
+    def corrupt(self, what: str) -> ImatrixError:
+        return ImatrixError(f"{self.path}: corrupt .dat imatrix: {what}")
+
+
+def _parse_dat(path: str | os.PathLike[str]) -> _DatFile:
+    p = os.fspath(path)
     try:
-        raw = Path(p).read_bytes()
+        rd = _DatReader(Path(p).read_bytes(), p)
     except FileNotFoundError as exc:
         raise ImatrixError(f"{p}: no such file") from exc
     except OSError as exc:
         raise ImatrixError(f"{p}: cannot read: {exc.strerror or exc}") from exc
-    pos = 0
-
-    def take(n: int, what: str) -> bytes:
-        nonlocal pos
-        if n < 0 or pos + n > len(raw):
-            raise ImatrixError(
-                f"{p}: truncated or corrupt .dat imatrix: {what} at byte {pos} needs {n} bytes, "
-                f"{len(raw) - pos} left"
-            )
-        out = raw[pos : pos + n]
-        pos += n
-        return out
-
-    def i32(what: str) -> int:
-        return struct.unpack("<i", take(4, what))[0]
-
-    n_entries = i32("entry count")
+    n_entries = rd.i32("entry count")
     if n_entries < 1:
         raise ImatrixError(f"{p}: not an imatrix (.dat header says {n_entries} entries)")
     # each entry needs at least 16 bytes: reject a lying header before looping
-    if n_entries * 16 > len(raw):
-        raise ImatrixError(
-            f"{p}: corrupt .dat imatrix: header claims {n_entries} entries in {len(raw)} bytes"
-        )
+    if n_entries * 16 > len(rd.raw):
+        raise rd.corrupt(f"header claims {n_entries} entries in {len(rd.raw)} bytes")
     entries: list[_DatEntry] = []
     seen: set[str] = set()
     for i in range(n_entries):
-        n = i32(f"name length of entry {i + 1}")
-        if not 0 < n <= _MAX_NAME:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: entry {i + 1} has name length {n}")
-        try:
-            name = take(n, f"name of entry {i + 1}").decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ImatrixError(
-                f"{p}: corrupt .dat imatrix: entry {i + 1} name is not UTF-8"
-            ) from exc
-        if "\0" in name:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: entry {i + 1} name has a NUL byte")
-        if name in seen:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: duplicate entry '{name}'")
-        seen.add(name)
-        ncall = i32(f"ncall of '{name}'")
-        nval = i32(f"value count of '{name}'")
-        if nval < 1:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: '{name}' has {nval} values")
-        vals = np.frombuffer(take(4 * nval, f"values of '{name}'"), dtype="<f4").copy()
-        entries.append(_DatEntry(name, ncall, vals))
+        entries.append(_dat_entry(rd, i + 1, seen))
     chunk_count = 0
     dataset: str | None = None
-    if pos < len(raw):
-        chunk_count = i32("chunk count")
-        ln = i32("dataset name length")
+    if rd.left() > 0:
+        chunk_count = rd.i32("chunk count")
+        ln = rd.i32("dataset name length")
         if ln < 0:
-            raise ImatrixError(f"{p}: corrupt .dat imatrix: dataset name length {ln}")
+            raise rd.corrupt(f"dataset name length {ln}")
         if ln > 0:
-            dataset = take(ln, "dataset name").decode("utf-8", errors="replace")
-        if pos != len(raw):
-            raise ImatrixError(
-                f"{p}: corrupt .dat imatrix: {len(raw) - pos} unexpected trailing bytes"
-            )
+            dataset = rd.take(ln, "dataset name").decode("utf-8", errors="replace")
+        if rd.left() != 0:
+            raise rd.corrupt(f"{rd.left()} unexpected trailing bytes")
     return _DatFile(entries, chunk_count, dataset)
 
 
-def _read_dat(path: str | Path, chunk_size: int) -> ImatrixData:
+def _dat_entry(rd: _DatReader, k: int, seen: set[str]) -> _DatEntry:
+    """Entry number ``k`` (1-based): name, ncall, values; ``seen`` refuses duplicates."""
+    n = rd.i32(f"name length of entry {k}")
+    if not 0 < n <= _MAX_NAME:
+        raise rd.corrupt(f"entry {k} has name length {n}")
+    try:
+        name = rd.take(n, f"name of entry {k}").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise rd.corrupt(f"entry {k} name is not UTF-8") from exc
+    if "\0" in name:
+        raise rd.corrupt(f"entry {k} name has a NUL byte")
+    if name in seen:
+        raise rd.corrupt(f"duplicate entry '{name}'")
+    seen.add(name)
+    ncall = rd.i32(f"ncall of '{name}'")
+    nval = rd.i32(f"value count of '{name}'")
+    if nval < 1:
+        raise rd.corrupt(f"'{name}' has {nval} values")
+    vals = np.frombuffer(rd.take(4 * nval, f"values of '{name}'"), dtype="<f4").copy()
+    return _DatEntry(name, ncall, vals)
+
+
+def _read_dat(path: str | os.PathLike[str], chunk_size: int) -> ImatrixData:
     if chunk_size <= 0:
         raise ImatrixError(f"chunk size must be positive, got {chunk_size}")
     dat = _parse_dat(path)
@@ -430,7 +310,7 @@ def _dat_to_data(dat: _DatFile, cs: np.float32, chunk_size: int) -> ImatrixData:
     )
 
 
-def load_means(path: str | Path) -> tuple[dict[str, np.ndarray], list[str], int]:
+def load_means(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], list[str], int]:
     """What llama-quantize's ``load_imatrix`` computes from a file: per-tensor means,
     the datasets and the chunk count.
 
@@ -568,7 +448,7 @@ def write_imatrix(
     log.info("stored %d entries after %d chunks in %s", len(data.entries), data.chunk_count, path)
 
 
-def describe(data: ImatrixData, path: str) -> dict:
+def describe(data: ImatrixData, path: str) -> dict[str, Any]:
     """A JSON-ready summary for ``imatrix info``."""
     counts = [e.n_counts for e in data.entries.values()]
     moe = [n for n, e in data.entries.items() if e.n_counts > 1]

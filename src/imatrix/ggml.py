@@ -20,9 +20,11 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
+from imatrix.constants import GGMLQuantizationType
 from imatrix.errors import ImatrixError
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,9 @@ GGML_MAX_NAME = 64
 #: sizeof(struct ggml_object), which ggml_tensor_overhead() adds to the tensor struct
 GGML_OBJECT_SIZE = 32
 
-GGML_TYPE_F32 = 0
-GGML_TYPE_F16 = 1
-GGML_TYPE_I32 = 26
+GGML_TYPE_F32 = int(GGMLQuantizationType.F32)
+GGML_TYPE_F16 = int(GGMLQuantizationType.F16)
+GGML_TYPE_I32 = int(GGMLQuantizationType.I32)
 
 
 class GGMLTensor(ctypes.Structure):
@@ -69,10 +71,11 @@ class _InitParams(ctypes.Structure):
     ]
 
 
-def _lib_dir() -> Path:
+def lib_dir() -> Path:
+    """The directory of the shared libraries llama-cpp-python loads."""
     import llama_cpp  # the bindings load libllama and its ggml libraries
 
-    return Path(llama_cpp.__file__).resolve().parent / "lib"
+    return Path(str(llama_cpp.__file__)).resolve().parent / "lib"
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,7 +83,7 @@ def libggml_base() -> ctypes.CDLL:
     """The ggml-base library llama-cpp-python loaded (same handle: dlopen is refcounted)."""
     import llama_cpp  # noqa: F401  (makes sure libllama, hence ggml-base, is loaded first)
 
-    d = _lib_dir()
+    d = lib_dir()
     for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
         p = d / name
         if p.exists():
@@ -214,7 +217,6 @@ def filter_name(raw: bytes) -> str:
 
 
 _F32 = np.dtype(np.float32)
-_I32 = np.dtype(np.int32)
 
 
 def host_array(
@@ -245,4 +247,5 @@ def host_array(
             raise ImatrixError(f"tensor '{t.name.decode(errors='replace')}' has no data")
         base = int(t.data)
     raw = (ctypes.c_char * nbytes).from_address(base)
-    return np.ndarray(shape, dtype=dtype, buffer=raw, strides=strides)
+    # a ctypes array exports the buffer protocol; numpy's stubs do not list it
+    return np.ndarray(shape, dtype=dtype, buffer=cast(memoryview, raw), strides=strides)

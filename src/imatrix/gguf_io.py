@@ -1,19 +1,22 @@
 """A small, strict GGUF (v2/v3) reader and a byte-exact writer.
 
-Why our own instead of gguf-py's reader/writer: we need (1) every malformed or
-truncated input to raise :class:`~imatrix.errors.ImatrixError` naming the file and
-what is wrong (gguf-py raises assorted ``ValueError``/``IndexError``/numpy errors),
-and (2) output whose bytes equal ggml's ``gguf_write_to_file`` exactly: header, KV
-pairs in insertion order, tensor infos with ``ggml_n_dims`` dimensions, data padded to
-the alignment after every tensor. gguf-py is still used to build test models.
+Why our own instead of gguf-py's ``GGUFReader``/``GGUFWriter`` (whose constants we do
+use, through :mod:`imatrix.constants`): we need (1) every malformed or truncated input
+to raise :class:`~imatrix.errors.ImatrixError` naming the file and what is wrong
+(gguf-py raises assorted ``ValueError``/``IndexError``/numpy errors, or memory-maps a
+truncated file and fails later), and (2) output whose bytes equal ggml's
+``gguf_write_to_file`` exactly, which llama-imatrix writes: header, KV pairs in
+insertion order, tensor infos with ``ggml_n_dims`` dimensions (gguf-py writes every
+dimension it was given), data padded to the alignment after every tensor.
+gguf-py is still used to build test models.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +27,11 @@ from imatrix.constants import (
     GGUF_MAGIC,
     GGUF_VERSION,
     KEY_GENERAL_ALIGNMENT,
+    GGMLQuantizationType,
+    GGUFValueType,
+    ggml_nbytes,
 )
 from imatrix.errors import ImatrixError
-
-
-class GGUFValueType(IntEnum):
-    """GGUF metadata value types (ggml/include/gguf.h)."""
-
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
-
 
 _SCALAR_FMT: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B",
@@ -60,31 +47,8 @@ _SCALAR_FMT: dict[GGUFValueType, str] = {
     GGUFValueType.FLOAT64: "<d",
 }
 
-#: ggml type id of F32 tensors; the only tensor type an imatrix file holds.
-GGML_TYPE_F32 = 0
-#: (block size, bytes per block) of the ggml types, for size checks of model files.
-#: Only used to validate that tensor data fits in the file; unknown types skip it.
-_GGML_TYPE_SIZE: dict[int, tuple[int, int]] = {
-    0: (1, 4),  # F32
-    1: (1, 2),  # F16
-    2: (32, 18),  # Q4_0
-    3: (32, 20),  # Q4_1
-    6: (32, 22),  # Q5_0
-    7: (32, 24),  # Q5_1
-    8: (32, 34),  # Q8_0
-    10: (256, 84),  # Q2_K
-    11: (256, 110),  # Q3_K
-    12: (256, 144),  # Q4_K
-    13: (256, 176),  # Q5_K
-    14: (256, 210),  # Q6_K
-    15: (256, 292),  # Q8_K
-    24: (1, 1),  # I8
-    25: (1, 2),  # I16
-    26: (1, 4),  # I32
-    27: (1, 8),  # I64
-    28: (1, 8),  # F64
-    30: (1, 2),  # BF16
-}
+#: the only tensor type an imatrix file holds
+GGML_TYPE_F32 = int(GGMLQuantizationType.F32)
 
 _MAX_DIMS = 4
 
@@ -129,11 +93,6 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         kv = self.kv.get(key)
         return default if kv is None else kv.value
-
-
-def is_gguf(head: bytes) -> bool:
-    """True when the bytes start with the GGUF magic (format detection by content)."""
-    return head[:4] == GGUF_MAGIC
 
 
 class _Cursor:
@@ -200,13 +159,13 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> KV:
     return KV(t, cur.unpack(_SCALAR_FMT[t], f"value of key '{key}'"))
 
 
-def read_gguf(path: str | Path, *, load_data: bool = True) -> GGUFFile:
+def read_gguf(path: str | os.PathLike[str], *, load_data: bool = True) -> GGUFFile:
     """Parse a GGUF file; with ``load_data`` the F32 tensors' data is copied out.
 
     Raises ImatrixError for a missing/unreadable file, a foreign file, or any
     truncation or inconsistency, naming the file.
     """
-    p = str(path)
+    p = os.fspath(path)
     try:
         with open(p, "rb") as fh:
             size = Path(p).stat().st_size
@@ -279,7 +238,7 @@ def _parse_inner(buf: memoryview, path: str, load_data: bool) -> GGUFFile:
         g.tensors.append(TensorInfo(name, ne, ttype, offset))
     data_start = cur.pos + (-cur.pos) % g.alignment
     for t in g.tensors:
-        nbytes = _nbytes(t)
+        nbytes = ggml_nbytes(t.type, t.ne)
         start = data_start + t.offset
         if nbytes is not None and start + nbytes > len(buf):
             raise ImatrixError(
@@ -289,16 +248,6 @@ def _parse_inner(buf: memoryview, path: str, load_data: bool) -> GGUFFile:
         if load_data and t.type == GGML_TYPE_F32 and nbytes is not None:
             t.data = np.frombuffer(buf, dtype="<f4", count=t.n_elements, offset=start).copy()
     return g
-
-
-def _nbytes(t: TensorInfo) -> int | None:
-    bs = _GGML_TYPE_SIZE.get(t.type)
-    if bs is None:
-        return None
-    blck, size = bs
-    if t.ne[0] % blck:
-        return None
-    return t.n_elements // blck * size
 
 
 # ---------------------------------------------------------------------------
@@ -326,9 +275,6 @@ class GGUFWriter:
 
     def add_uint32(self, key: str, value: int) -> None:
         self._kv.append((key, KV(GGUFValueType.UINT32, int(value))))
-
-    def add_uint64(self, key: str, value: int) -> None:
-        self._kv.append((key, KV(GGUFValueType.UINT64, int(value))))
 
     def add_string_array(self, key: str, values: list[str]) -> None:
         self._kv.append((key, KV(GGUFValueType.ARRAY, list(values), GGUFValueType.STRING)))

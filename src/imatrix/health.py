@@ -38,18 +38,18 @@ What is checked (each finding has a *check* code and a level, ``warn`` or ``fail
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
-from imatrix.model import ImatrixData
+from imatrix.jsonout import dumps
+from imatrix.model import Entry, ImatrixData
 from imatrix.stats import lround_counts
 
 WARN = "warn"
 FAIL = "fail"
-LEVELS = (WARN, FAIL)
 
 #: check code -> default level
 CHECKS: dict[str, str] = {
@@ -103,7 +103,7 @@ class HealthReport:
     def by_check(self, check: str) -> list[Finding]:
         return [f for f in self.findings if f.check == check]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "status": FAIL if self.failed else (WARN if self.findings else "ok"),
@@ -133,6 +133,10 @@ def resolve_levels(fail_on: Iterable[str] = (), warn_on: Iterable[str] = ()) -> 
     return levels
 
 
+#: one finding before its level is known: (check, message, tensor, value)
+_Raw = tuple[str, str, str | None, float | None]
+
+
 def check_imatrix(
     data: ImatrixData,
     *,
@@ -150,89 +154,88 @@ def check_imatrix(
     """
     levels = resolve_levels(fail_on, warn_on)
     report = HealthReport(source=source, n_tensors=len(data.entries), n_experts=data.n_experts())
-
-    def add(check: str, message: str, tensor: str | None = None, value: float | None = None):
-        report.findings.append(Finding(check, levels[check], message, tensor, value))
-
+    raw: list[_Raw] = []
     if not data.is_legacy and not data.has_metadata:
-        add(
-            "no_metadata",
-            "GGUF imatrix lacks imatrix.datasets/chunk_count/chunk_size: llama-quantize refuses it",
+        raw.append(
+            (
+                "no_metadata",
+                "GGUF imatrix lacks imatrix.datasets/chunk_count/chunk_size: "
+                "llama-quantize refuses it",
+                None,
+                None,
+            )
         )
     for name in sorted(data.entries):
-        e = data.entries[name]
-        arrays = {"sums of squares": e.values, "counts": e.counts}
-        if e.sums is not None:
-            arrays["activation sums"] = e.sums
-        bad = {k: int(np.count_nonzero(~np.isfinite(v))) for k, v in arrays.items()}
-        bad = {k: v for k, v in bad.items() if v}
-        if bad:
-            what = ", ".join(f"{v} in {k}" for k, v in bad.items())
-            add(
-                "non_finite", f"non-finite values (NaN/Inf): {what}", name, float(sum(bad.values()))
-            )
-        neg = int(np.count_nonzero(e.values < 0)) + int(np.count_nonzero(e.counts < 0))
-        if neg:
-            add("negative", f"{neg} negative sums of squares or counts", name, float(neg))
-        counts = lround_counts(np.nan_to_num(e.counts, nan=0.0, posinf=0.0, neginf=0.0))
-        live = counts > 0
-        n_live = int(live.sum())
-        if n_live == 0:
-            add("no_data", "no tokens reached this tensor (all counts are 0)", name, 0.0)
-            continue
-        if n_live < e.n_counts:
-            dead = np.flatnonzero(~live)
-            share = dead.size / e.n_counts
-            add(
-                "dead_experts",
-                f"{dead.size} of {e.n_counts} experts never fired ({100 * share:.1f}%): "
-                f"{_ids(dead)}",
-                name,
-                share,
-            )
-        mat = e.values.reshape(e.n_counts, e.row_size)[live]
-        zero = int(np.count_nonzero(mat == 0))
-        if zero:
-            share = zero / mat.size
-            add(
-                "zero_channels",
-                f"{zero} of {mat.size} channels of active experts have zero activation "
-                f"({100 * share:.2f}%)",
-                name,
-                share,
-            )
-        few = live & (counts < min_tokens)
-        if few.any():
-            low = int(counts[few].min())
-            who = (
-                "tensor"
-                if e.n_counts == 1
-                else f"{int(few.sum())} experts ({_ids(np.flatnonzero(few))})"
-            )
-            add(
-                "few_tokens",
-                f"{who} saw fewer than {min_tokens} tokens (lowest: {low})",
-                name,
-                float(low),
-            )
+        raw.extend(_entry_findings(name, data.entries[name], min_tokens))
     if expected is not None:
-        for wname in sorted(expected):
-            size = expected[wname]
-            e = data.entries.get(wname)
-            if e is None:
-                add(
-                    "missing_tensor",
-                    "model weight has no imatrix entry (did not find weights)",
-                    wname,
-                )
-            elif e.values.size != size:
-                add(
-                    "size_mismatch",
-                    f"imatrix entry has {e.values.size} values, the model weight needs {size}",
-                    wname,
-                    float(e.values.size),
-                )
+        raw.extend(_model_findings(data, expected))
+    for check, message, tensor, value in raw:
+        report.findings.append(Finding(check, levels[check], message, tensor, value))
     return report
+
+
+def _entry_findings(name: str, e: Entry, min_tokens: int) -> Iterator[_Raw]:
+    """Values that are not finite or negative, then the token counts' findings."""
+    arrays = {"sums of squares": e.values, "counts": e.counts}
+    if e.sums is not None:
+        arrays["activation sums"] = e.sums
+    bad = {k: int(np.count_nonzero(~np.isfinite(v))) for k, v in arrays.items()}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        what = ", ".join(f"{v} in {k}" for k, v in bad.items())
+        yield "non_finite", f"non-finite values (NaN/Inf): {what}", name, float(sum(bad.values()))
+    neg = int(np.count_nonzero(e.values < 0)) + int(np.count_nonzero(e.counts < 0))
+    if neg:
+        yield "negative", f"{neg} negative sums of squares or counts", name, float(neg)
+    counts = lround_counts(np.nan_to_num(e.counts, nan=0.0, posinf=0.0, neginf=0.0))
+    live = counts > 0
+    if not live.any():
+        yield "no_data", "no tokens reached this tensor (all counts are 0)", name, 0.0
+        return
+    yield from _count_findings(name, e, counts, live, min_tokens)
+
+
+def _count_findings(
+    name: str, e: Entry, counts: np.ndarray, live: np.ndarray, min_tokens: int
+) -> Iterator[_Raw]:
+    """Experts that never fired, channels that never activated, too few tokens."""
+    if int(live.sum()) < e.n_counts:
+        dead = np.flatnonzero(~live)
+        share = dead.size / e.n_counts
+        msg = f"{dead.size} of {e.n_counts} experts never fired ({100 * share:.1f}%): "
+        yield "dead_experts", msg + _ids(dead), name, share
+    mat = e.values.reshape(e.n_counts, e.row_size)[live]
+    zero = int(np.count_nonzero(mat == 0))
+    if zero:
+        share = zero / mat.size
+        msg = (
+            f"{zero} of {mat.size} channels of active experts have zero activation "
+            f"({100 * share:.2f}%)"
+        )
+        yield "zero_channels", msg, name, share
+    few = live & (counts < min_tokens)
+    if few.any():
+        low = int(counts[few].min())
+        who = (
+            "tensor"
+            if e.n_counts == 1
+            else f"{int(few.sum())} experts ({_ids(np.flatnonzero(few))})"
+        )
+        msg = f"{who} saw fewer than {min_tokens} tokens (lowest: {low})"
+        yield "few_tokens", msg, name, float(low)
+
+
+def _model_findings(data: ImatrixData, expected: Mapping[str, int]) -> Iterator[_Raw]:
+    """Model weights without an entry, and entries of the wrong size."""
+    for wname in sorted(expected):
+        size = expected[wname]
+        e = data.entries.get(wname)
+        if e is None:
+            msg = "model weight has no imatrix entry (did not find weights)"
+            yield "missing_tensor", msg, wname, None
+        elif e.values.size != size:
+            msg = f"imatrix entry has {e.values.size} values, the model weight needs {size}"
+            yield "size_mismatch", msg, wname, float(e.values.size)
 
 
 def _ids(idx: np.ndarray, limit: int = 12) -> str:
@@ -261,7 +264,7 @@ def expected_from_model(path: str) -> dict[str, int]:
 def format_report(report: HealthReport, *, as_json: bool = False) -> str:
     """The report as text for people (grouped by check) or as JSON."""
     if as_json:
-        return json.dumps(report.to_dict(), indent=2) + "\n"
+        return dumps(report.to_dict(), indent=2) + "\n"
     d = report.to_dict()
     lines = [
         f"{report.source}: {d['status'].upper()} - {report.n_tensors} tensors, "

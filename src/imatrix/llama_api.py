@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +58,10 @@ _LOG_CONT = 5
 EvalCallback = Callable[[int, bool], bool]
 
 
-def _llama():
-    import llama_cpp  # imported lazily: importing it loads the shared libraries
+def _llama() -> ModuleType:
+    """The llama_cpp bindings, imported on first use: importing them loads the shared
+    libraries, which commands such as ``imatrix info`` never need."""
+    import llama_cpp
 
     return llama_cpp
 
@@ -158,7 +162,7 @@ class Model:
 
     @property
     def vocab(self) -> int:
-        return _llama().llama_model_get_vocab(self.ptr)
+        return int(_llama().llama_model_get_vocab(self.ptr))
 
     @property
     def n_vocab(self) -> int:
@@ -175,10 +179,6 @@ class Model:
     @property
     def bos(self) -> int:
         return int(_llama().llama_vocab_bos(self.vocab))
-
-    @property
-    def eos(self) -> int:
-        return int(_llama().llama_vocab_eos(self.vocab))
 
     @property
     def vocab_type(self) -> int:
@@ -220,7 +220,9 @@ class Model:
         self.close()
 
 
-def load_model(path: str | Path, *, n_gpu_layers: int = -1, vocab_only: bool = False) -> Model:
+def load_model(
+    path: str | os.PathLike[str], *, n_gpu_layers: int = -1, vocab_only: bool = False
+) -> Model:
     """Load a GGUF model; ``vocab_only`` loads only the tokenizer (fast, no weights).
 
     ``n_gpu_layers``: layers to offload (negative: all), as ``-ngl``.
@@ -369,8 +371,9 @@ class Batch:
         self.logits[:n] = logits
         self.n_tokens = n
 
-    def struct(self):
-        """The ``llama_batch`` struct pointing into our arrays."""
+    def struct(self) -> Any:
+        """The ``llama_batch`` struct (a llama_cpp ctypes Structure) pointing into our
+        arrays."""
         i32 = ctypes.POINTER(ctypes.c_int32)
         return _llama().llama_batch(
             n_tokens=self.n_tokens,
@@ -388,8 +391,12 @@ class Batch:
 
 
 class _ThreadpoolParams(ctypes.Structure):
+    """``struct ggml_threadpool_params`` (ggml.h): never returned by value and never
+    filled by us; ``ggml_threadpool_params_init`` fills it in place, after
+    :func:`_check_threadpool_params` has verified its size and the fields it writes."""
+
     _fields_ = [
-        ("cpumask", ctypes.c_bool * 512),
+        ("cpumask", ctypes.c_bool * 512),  # GGML_MAX_N_THREADS
         ("n_threads", ctypes.c_int),
         ("prio", ctypes.c_int),
         ("poll", ctypes.c_uint32),
@@ -398,24 +405,56 @@ class _ThreadpoolParams(ctypes.Structure):
     ]
 
 
+#: ggml_threadpool_params_init's defaults (ggml.c): normal priority, polling level 50
+_TP_DEFAULT_POLL = 50
+#: bytes past our struct that the layout check watches for writes
+_TP_GUARD = 256
+
+
+def _check_threadpool_params(base: ctypes.CDLL) -> None:
+    """Refuse a ggml whose ``ggml_threadpool_params`` differs from our copy.
+
+    ``ggml_threadpool_params_init`` fills a buffer larger than our struct whose bytes
+    are all 0xA5: it must write nothing past our size, and our fields must read the
+    values it sets (the thread count we pass and its documented defaults).
+    """
+    size = ctypes.sizeof(_ThreadpoolParams)
+    buf = (ctypes.c_uint8 * (size + _TP_GUARD))(*([0xA5] * (size + _TP_GUARD)))
+    base.ggml_threadpool_params_init(buf, 7)
+    params = _ThreadpoolParams.from_buffer(buf)
+    got = (params.n_threads, params.prio, params.poll, params.strict_cpu, params.paused)
+    if bytes(buf[size:]) != b"\xa5" * _TP_GUARD or got != (7, 0, _TP_DEFAULT_POLL, False, False):
+        raise ImatrixError(
+            "the ggml library loaded by llama-cpp-python does not match imatrix's "
+            f"ggml_threadpool_params layout (read {got}); install the llama-cpp-python "
+            "version pinned in pyproject.toml"
+        )
+    if any(params.cpumask):
+        raise ImatrixError("ggml_threadpool_params layout: cpumask not cleared by ggml")
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_lib() -> ctypes.CDLL | None:
+    """ggml's CPU backend library (threadpools), its layout checked; None if absent."""
+    from imatrix.ggml import lib_dir, libggml_base
+
     lc = _llama()
-    d = Path(lc.__file__).resolve().parent / "lib"
+    d = lib_dir()
     for name in ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll"):
         p = d / name
         if p.exists():
+            base = libggml_base()
+            base.ggml_threadpool_params_init.argtypes = [ctypes.c_void_p, ctypes.c_int]
+            base.ggml_threadpool_params_init.restype = None
+            _check_threadpool_params(base)
             lib = ctypes.CDLL(str(p))
-            lib.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
-            lib.ggml_threadpool_params_default.restype = _ThreadpoolParams
             lib.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
             lib.ggml_threadpool_new.restype = ctypes.c_void_p
             lib.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
             lib.ggml_threadpool_free.restype = None
-            lc.llama_cpp._lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p] * 3
-            lc.llama_cpp._lib.llama_attach_threadpool.restype = None
-            lc.llama_cpp._lib.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
-            lc.llama_cpp._lib.llama_detach_threadpool.restype = None
+            attach = lc.llama_cpp._lib.llama_attach_threadpool
+            attach.argtypes = [ctypes.c_void_p] * 3
+            attach.restype = None
             return lib
     return None  # pragma: no cover - a build without a CPU backend library
 
@@ -467,18 +506,7 @@ class Context:
         self._cb_error: BaseException | None = None
         self._cb_c = None
         if cb_eval is not None:
-            user_cb = cb_eval
-
-            def _trampoline(t: int, ask: bool, _user: int | None) -> bool:
-                if self._cb_error is not None:
-                    return False
-                try:
-                    return bool(user_cb(t, ask))
-                except BaseException as exc:  # stop the graph; re-raised by decode()
-                    self._cb_error = exc
-                    return False
-
-            self._cb_c = lc.ggml_backend_sched_eval_callback(_trampoline)
+            self._cb_c = self._c_callback(cb_eval)
             cp.cb_eval = self._cb_c
             cp.cb_eval_user_data = None
         ptr = lc.llama_init_from_model(model.ptr, cp)
@@ -497,6 +525,21 @@ class Context:
         self.n_seq_max = int(lc.llama_n_seq_max(ptr))
         self.n_vocab = model.n_vocab
 
+    def _c_callback(self, user_cb: EvalCallback) -> Any:
+        """The C eval callback (kept referenced by the context) around ``user_cb``: an
+        exception stops the graph and is kept for :meth:`decode` to raise."""
+
+        def _trampoline(t: int, ask: bool, _user: int | None) -> bool:
+            if self._cb_error is not None:
+                return False
+            try:
+                return bool(user_cb(t, ask))
+            except BaseException as exc:  # stop the graph; re-raised by decode()
+                self._cb_error = exc
+                return False
+
+        return _llama().ggml_backend_sched_eval_callback(_trampoline)
+
     def _attach_threadpool(self, nt: int, ntb: int) -> None:
         """One persistent threadpool, as ``common_threadpools::init`` attaches it.
 
@@ -506,7 +549,10 @@ class Context:
         lib = _cpu_lib()
         if lib is None or nt != ntb:
             return
-        params = lib.ggml_threadpool_params_default(nt)
+        from imatrix.ggml import libggml_base
+
+        params = _ThreadpoolParams()
+        libggml_base().ggml_threadpool_params_init(ctypes.byref(params), nt)
         tp = lib.ggml_threadpool_new(ctypes.byref(params))
         if not tp:
             log.warning("could not create a CPU threadpool of %d threads", nt)
@@ -554,8 +600,10 @@ class Context:
         if not p:
             raise ImatrixError("no logits available")
         addr = ctypes.cast(p, ctypes.c_void_p).value
+        assert addr is not None
         raw = (ctypes.c_float * (n_rows * self.n_vocab)).from_address(addr)
-        return np.frombuffer(raw, dtype=np.float32).reshape(n_rows, self.n_vocab)
+        view: np.ndarray = np.ctypeslib.as_array(raw)
+        return view.reshape(n_rows, self.n_vocab)
 
     def synchronize(self) -> None:
         _llama().llama_synchronize(self.ptr)

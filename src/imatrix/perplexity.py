@@ -15,6 +15,7 @@ import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -112,11 +113,11 @@ class Perplexity:
             return None
         return math.sqrt(var / (self.count - 1)) * math.exp(mean)
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         return {"nll": self.nll, "nll2": self.nll2, "count": self.count, "running": self.running}
 
     @classmethod
-    def from_state(cls, state: dict) -> Perplexity:
+    def from_state(cls, state: dict[str, Any]) -> Perplexity:
         return cls(
             nll=float(state["nll"]),
             nll2=float(state["nll2"]),

@@ -4,7 +4,7 @@ how two imatrices differ.
 Why matplotlib's object API with an explicit Agg canvas (no ``pyplot``): plots are
 written from worker processes and tests without a display, and pyplot's global figure
 state would leak memory across calls. Every PNG is written through
-:func:`imatrix.formats.atomic_output`, so a failed run never leaves a half-written
+:func:`imatrix.atomic.atomic_output`, so a failed run never leaves a half-written
 picture under the final name.
 """
 
@@ -17,13 +17,14 @@ from pathlib import Path
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
+from imatrix.atomic import atomic_output
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_output
 from imatrix.model import ImatrixData
 from imatrix.stats import PLOTTABLE, lround_counts, split_name
 
@@ -76,13 +77,13 @@ def _grid(df: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str], list[in
     return (
         piv.to_numpy(dtype=np.float64, na_value=np.nan),
         [str(i) for i in piv.index],
-        list(piv.columns),
+        [int(c) for c in piv.columns],
     )
 
 
 def _heat(
     fig: Figure,
-    ax,
+    ax: Axes,
     grid: np.ndarray,
     rows: Sequence[str],
     cols: Sequence[int],

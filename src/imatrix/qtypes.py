@@ -5,12 +5,16 @@ cannot be made without an imatrix) before any job starts, without loading llama.
 and a wrong name must fail with one clear message instead of llama.cpp's usage dump
 or, for a tensor type llama.cpp cannot quantize to, an abort that kills the process.
 The tables follow the pinned llama.cpp (tools/quantize/quantize.cpp ``QUANT_OPTIONS``,
-ggml.h ``enum ggml_type``, src/llama-quant.cpp); tests check them against the library
-and against the real llama-quantize.
+src/llama-quant.cpp; the ggml type ids and names come from :mod:`imatrix.constants`);
+tests check them against the library and against the real llama-quantize.
 """
 
 from __future__ import annotations
 
+from imatrix.constants import (
+    GGML_TYPE_COUNT as GGML_TYPE_COUNT,
+)
+from imatrix.constants import GGML_TYPE_Q2_0, GGMLQuantizationType, ggml_type_name
 from imatrix.errors import ImatrixError
 
 #: llama-quantize's type names (``QUANT_OPTIONS``, same order) -> ``llama_ftype``.
@@ -69,47 +73,49 @@ _REQUIRE_IMATRIX = frozenset(
     {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"}
 )
 
+_T = GGMLQuantizationType
 #: ggml tensor types that ``ggml_quantize_chunk`` can produce (``ggml_type_name`` -> id),
 #: i.e. the values ``--tensor-type``, ``--output-tensor-type`` and
 #: ``--token-embedding-type`` may name. llama-quantize accepts any ggml type name here
 #: and aborts the process on the others (i8, q8_K, ...); we refuse them up front.
 GGML_TYPES: dict[str, int] = {
-    "f32": 0,
-    "f16": 1,
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "q8_0": 8,
-    "q2_K": 10,
-    "q3_K": 11,
-    "q4_K": 12,
-    "q5_K": 13,
-    "q6_K": 14,
-    "iq2_xxs": 16,
-    "iq2_xs": 17,
-    "iq3_xxs": 18,
-    "iq1_s": 19,
-    "iq4_nl": 20,
-    "iq3_s": 21,
-    "iq2_s": 22,
-    "iq4_xs": 23,
-    "iq1_m": 29,
-    "bf16": 30,
-    "tq1_0": 34,
-    "tq2_0": 35,
-    "mxfp4": 39,
-    "nvfp4": 40,
-    "q1_0": 41,
-    "q2_0": 42,
+    ggml_type_name(int(t)): int(t)
+    for t in (
+        _T.F32,
+        _T.F16,
+        _T.Q4_0,
+        _T.Q4_1,
+        _T.Q5_0,
+        _T.Q5_1,
+        _T.Q8_0,
+        _T.Q2_K,
+        _T.Q3_K,
+        _T.Q4_K,
+        _T.Q5_K,
+        _T.Q6_K,
+        _T.IQ2_XXS,
+        _T.IQ2_XS,
+        _T.IQ3_XXS,
+        _T.IQ1_S,
+        _T.IQ4_NL,
+        _T.IQ3_S,
+        _T.IQ2_S,
+        _T.IQ4_XS,
+        _T.IQ1_M,
+        _T.BF16,
+        _T.TQ1_0,
+        _T.TQ2_0,
+        _T.MXFP4,
+        _T.NVFP4,
+        _T.Q1_0,
+        GGML_TYPE_Q2_0,
+    )
 }
 GGML_TYPE_NAMES: dict[int, str] = {v: k for k, v in GGML_TYPES.items()}
-#: ``GGML_TYPE_COUNT``: "no override" in ``llama_model_quantize_params``.
-GGML_TYPE_COUNT = 43
 
 #: ggml types whose quantizer asserts (aborts) without importance data
 #: (``ggml_quantize_requires_imatrix``), even for tensors llama.cpp does not check.
-GGML_TYPES_ASSERT_IMATRIX = frozenset({16, 17, 19})
+GGML_TYPES_ASSERT_IMATRIX = frozenset({int(_T.IQ2_XXS), int(_T.IQ2_XS), int(_T.IQ1_S)})
 
 
 def parse_quant_type(name: str) -> tuple[str, int]:

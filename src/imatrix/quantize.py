@@ -26,11 +26,23 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from imatrix.atomic import atomic_output
+from imatrix.constants import (
+    KEY_QUANTIZE_IMATRIX_DATASET,
+    KEY_QUANTIZE_IMATRIX_FILE,
+    KEY_QUANTIZE_IMATRIX_N_CHUNKS,
+    KEY_QUANTIZE_IMATRIX_N_ENTRIES,
+    parse_split_name,
+    split_glob,
+    split_name,
+    split_paths,
+)
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_output, load_means
+from imatrix.formats import load_means
 from imatrix.qtypes import (
     GGML_TYPE_COUNT,
     GGML_TYPE_NAMES,
@@ -56,17 +68,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KEY_IMATRIX_FILE = "quantize.imatrix.file"
-KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
-KEY_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
-KEY_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
-
 # llama_model_kv_override_type
 KV_INT, KV_FLOAT, KV_BOOL, KV_STR = 0, 1, 2, 3
 _KV_TAGS = {"int": KV_INT, "float": KV_FLOAT, "bool": KV_BOOL, "str": KV_STR}
 #: ``char key[128]`` / ``char val_str[128]``: at most 127 bytes and the terminator
 _KV_MAX = 127
-_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,8 @@ class KVOverride:
     tag: int
     value: int | float | bool | bytes
 
-    def to_c(self, out) -> None:
+    def to_c(self, out: Any) -> None:
+        """Fill ``out``, a llama_cpp ``llama_model_kv_override`` struct."""
         key = self.key.encode("utf-8")
         out.tag = self.tag
         out.key = key[:_KV_MAX]
@@ -159,14 +166,16 @@ class PreparedImatrix:
 
     def kv_overrides(self) -> list[KVOverride]:
         """The ``quantize.imatrix.*`` entries, in llama-quantize's order."""
-        out = [KVOverride(KEY_IMATRIX_FILE, KV_STR, self.path.encode("utf-8")[:_KV_MAX])]
+        out = [KVOverride(KEY_QUANTIZE_IMATRIX_FILE, KV_STR, self.path.encode("utf-8")[:_KV_MAX])]
         if self.datasets:
             out.append(
-                KVOverride(KEY_IMATRIX_DATASET, KV_STR, self.datasets[0].encode("utf-8")[:_KV_MAX])
+                KVOverride(
+                    KEY_QUANTIZE_IMATRIX_DATASET, KV_STR, self.datasets[0].encode("utf-8")[:_KV_MAX]
+                )
             )
-        out.append(KVOverride(KEY_IMATRIX_N_ENTRIES, KV_INT, len(self.means)))
+        out.append(KVOverride(KEY_QUANTIZE_IMATRIX_N_ENTRIES, KV_INT, len(self.means)))
         if self.chunk_count > 0:
-            out.append(KVOverride(KEY_IMATRIX_N_CHUNKS, KV_INT, self.chunk_count))
+            out.append(KVOverride(KEY_QUANTIZE_IMATRIX_N_CHUNKS, KV_INT, self.chunk_count))
         return out
 
 
@@ -319,21 +328,12 @@ def _llama_errors() -> Iterator[list[str]]:
         logger.removeFilter(collect)
 
 
-_SPLIT_NAME_RE = re.compile(r"^(?P<prefix>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
-
-
 def _model_tensor_names(base: Path) -> set[str] | None:
     """Tensor names of a model (all its splits), or None when they cannot be known
     here (then llama.cpp's own checks apply)."""
     from imatrix.gguf_io import read_gguf
 
-    paths = [base]
-    m = _SPLIT_NAME_RE.match(base.name)
-    if m is not None and int(m.group("n")) > 1:
-        n = int(m.group("n"))
-        paths = [
-            base.with_name(f"{m.group('prefix')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)
-        ]
+    paths = split_paths(base)
     names: set[str] = set()
     for p in paths:
         try:
@@ -357,6 +357,11 @@ def _check_names_match(base: Path, imx: PreparedImatrix) -> None:
         f"{imx.path}: none of its {len(imx.means)} tensors is in {base} "
         f"(e.g. '{example}'); an imatrix of another model?"
     )
+
+
+def _type_override(name: str | None, option: str) -> int:
+    """The ggml type id of an ``--output-tensor-type``-like option; "none" if not given."""
+    return GGML_TYPE_COUNT if name is None else parse_ggml_type(name, option)
 
 
 def _split_prefix(output: Path) -> Path:
@@ -406,16 +411,8 @@ def quantize(
         allow_requantize=allow_requantize,
         leave_output_tensor=leave_output_tensor,
         pure=pure,
-        output_tensor_type=(
-            GGML_TYPE_COUNT
-            if output_tensor_type is None
-            else parse_ggml_type(output_tensor_type, "--output-tensor-type")
-        ),
-        token_embedding_type=(
-            GGML_TYPE_COUNT
-            if token_embedding_type is None
-            else parse_ggml_type(token_embedding_type, "--token-embedding-type")
-        ),
+        output_tensor_type=_type_override(output_tensor_type, "--output-tensor-type"),
+        token_embedding_type=_type_override(token_embedding_type, "--token-embedding-type"),
         tensor_types=[parse_tensor_type(t) for t in tensor_types],
         override_kv=[
             kv if isinstance(kv, KVOverride) else parse_kv_override(kv) for kv in override_kv
@@ -432,13 +429,8 @@ def quantize(
         raise ImatrixError("--include-weights and --exclude-weights cannot be used together")
     _guard_asserting_types(opts, imx)
     params = _Params(opts, imx)
-    log.info(
-        "quantizing '%s' to '%s' as %s%s",
-        base_p,
-        out_p,
-        canon,
-        f" using {threads} threads" if threads else "",
-    )
+    using = f" using {threads} threads" if threads else ""
+    log.info("quantizing '%s' to '%s' as %s%s", base_p, out_p, canon, using)
     if keep_split:
         return _run_split(base_p, _split_prefix(out_p), params)
     with atomic_output(out_p) as tmp:
@@ -494,24 +486,24 @@ def _run_split(base: Path, prefix: Path, params: _Params) -> Path:
     try:
         with _llama_errors() as errors:
             rc = _quantize_call(base, Path(tmp_prefix), params)
-        shards = sorted(glob.glob(glob.escape(tmp_prefix) + "-*-of-*.gguf"))
+        shards = sorted(glob.glob(split_glob(tmp_prefix)))
         if rc != 0:
             raise ImatrixError(f"{base}: quantization failed: {_reason(errors)}")
         if not shards:
             raise ImatrixError(f"{base}: quantization wrote no output shards")
         finals = []
         for shard in shards:
-            m = _SPLIT_RE.search(shard)
-            assert m is not None
+            parsed = parse_split_name(Path(shard).name)
+            assert parsed is not None
             with open(shard, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.chmod(shard, 0o644)
-            finals.append((shard, Path(f"{prefix}-{m.group(1)}-of-{m.group(2)}.gguf")))
+            finals.append((shard, Path(split_name(str(prefix), *parsed[1:]))))
         for shard, final in finals:
             os.replace(shard, final)
         return finals[0][1]
     finally:
-        for leftover in glob.glob(glob.escape(tmp_prefix) + "-*-of-*.gguf"):
+        for leftover in glob.glob(split_glob(tmp_prefix)):
             with contextlib.suppress(OSError):
                 os.unlink(leftover)
         with contextlib.suppress(OSError):

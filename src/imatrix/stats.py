@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imatrix.atomic import atomic_output
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_output
 from imatrix.model import Entry, ImatrixData
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,7 @@ def _entropy(p: np.ndarray) -> float:
     return float(-np.sum(p * np.log2(p)))
 
 
-def _tensor_row(name: str, e: Entry) -> tuple[dict, _TensorVectors]:
+def _tensor_row(name: str, e: Entry) -> tuple[dict[str, Any], _TensorVectors]:
     layer_s, kind = split_name(name)
     n_mat = e.n_counts
     row = e.row_size
@@ -169,7 +171,7 @@ def _tensor_row(name: str, e: Entry) -> tuple[dict, _TensorVectors]:
     mat = e.values.reshape(n_mat, row)
     sq = (mat[live] / counts[live, None]).reshape(-1)  # E[x²] per channel of live experts
     n = int(sq.size)
-    r: dict = {
+    r: dict[str, Any] = {
         "name": name,
         "layer": layer_number(layer_s) if layer_s != "-" else None,
         "tensor": kind,
@@ -181,52 +183,70 @@ def _tensor_row(name: str, e: Entry) -> tuple[dict, _TensorVectors]:
         "elements": n,
         "has_sums": e.sums is not None,
     }
-    nan = float("nan")
-    if n:
-        total = float(sq.sum())
-        mean = total / n
-        std = float(np.sqrt(max(0.0, float(np.mean(sq * sq)) - mean * mean)))
-        entropy = _entropy(sq / total) if total > 0 else 0.0
-        zd = float(np.count_nonzero((sq - mean) / std > 1.0)) / n if std > 0 else 0.0
-        r.update(
-            sum_sqact=total,
-            sqact_min=float(sq.min()),
-            sqact_max=float(sq.max()),
-            sqact_mean=mean,
-            sqact_std=std,
-            active_pct=100.0 * (1.0 - np.count_nonzero(np.abs(sq) <= ACTIVE_THRESHOLD) / n),
-            entropy=entropy,
-            entropy_norm_pct=100.0 * entropy / np.log2(n) if n > 1 else nan,
-            zd_pct=100.0 * zd,
-        )
-    else:
-        for k in ("sum_sqact", "sqact_min", "sqact_max", "sqact_mean", "sqact_std"):
-            r[k] = nan
-        r.update(active_pct=nan, entropy=nan, entropy_norm_pct=nan, zd_pct=nan)
-
+    r.update(_sqact_stats(sq))
     averages = None
     if e.sums is not None:
         smat = e.sums.reshape(n_mat, row)
         avg = np.zeros_like(smat)
         avg[live] = smat[live] / counts[live, None]
         averages = avg.reshape(-1)
-        act = avg[live].reshape(-1)
         if n:
-            amean = float(act.mean())
-            astd = float(act.std(ddof=1)) if n > 1 else 0.0
-            azd = (
-                float(np.count_nonzero(np.abs((act - amean) / astd) > 1.0)) / n if astd > 0 else 0.0
-            )
-            r.update(
-                act_min=float(act.min()),
-                act_max=float(act.max()),
-                act_mean=amean,
-                act_std=astd,
-                act_zd_pct=100.0 * azd,
-            )
+            r.update(_act_stats(avg[live].reshape(-1)))
     for k in ("act_min", "act_max", "act_mean", "act_std", "act_zd_pct"):
-        r.setdefault(k, nan)
+        r.setdefault(k, float("nan"))
     return r, _TensorVectors(e.values, averages, n > 0)
+
+
+_SQACT_KEYS = (
+    "sum_sqact",
+    "sqact_min",
+    "sqact_max",
+    "sqact_mean",
+    "sqact_std",
+    "active_pct",
+    "entropy",
+    "entropy_norm_pct",
+    "zd_pct",
+)
+
+
+def _sqact_stats(sq: np.ndarray) -> dict[str, float]:
+    """Statistics of the mean squared activations ``sq`` of one tensor (NaN if empty)."""
+    nan = float("nan")
+    n = int(sq.size)
+    if not n:
+        return dict.fromkeys(_SQACT_KEYS, nan)
+    total = float(sq.sum())
+    mean = total / n
+    std = float(np.sqrt(max(0.0, float(np.mean(sq * sq)) - mean * mean)))
+    entropy = _entropy(sq / total) if total > 0 else 0.0
+    zd = float(np.count_nonzero((sq - mean) / std > 1.0)) / n if std > 0 else 0.0
+    return {
+        "sum_sqact": total,
+        "sqact_min": float(sq.min()),
+        "sqact_max": float(sq.max()),
+        "sqact_mean": mean,
+        "sqact_std": std,
+        "active_pct": 100.0 * (1.0 - np.count_nonzero(np.abs(sq) <= ACTIVE_THRESHOLD) / n),
+        "entropy": entropy,
+        "entropy_norm_pct": 100.0 * entropy / np.log2(n) if n > 1 else nan,
+        "zd_pct": 100.0 * zd,
+    }
+
+
+def _act_stats(act: np.ndarray) -> dict[str, float]:
+    """Statistics of the mean activations ``act`` of one tensor's live experts."""
+    n = int(act.size)
+    amean = float(act.mean())
+    astd = float(act.std(ddof=1)) if n > 1 else 0.0
+    azd = float(np.count_nonzero(np.abs((act - amean) / astd) > 1.0)) / n if astd > 0 else 0.0
+    return {
+        "act_min": float(act.min()),
+        "act_max": float(act.max()),
+        "act_mean": amean,
+        "act_std": astd,
+        "act_zd_pct": 100.0 * azd,
+    }
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -261,7 +281,7 @@ def compute_statistics(
     """
     if not data.entries:
         raise ImatrixError("imatrix has no entries: nothing to compute statistics for")
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     vecs: dict[str, _TensorVectors] = {}
     for name in sorted(data.entries):
         r, v = _tensor_row(name, data.entries[name])
@@ -298,8 +318,9 @@ def _layer_frame(
     pairs: dict[str, str],
     ecs_k: float,
 ) -> pd.DataFrame:
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     t = tensors[tensors["layer"].notna() & (tensors["elements"] > 0)]
+    layer: Any
     for layer, g in t.groupby("layer", sort=True):
         if int(layer) < 0:
             continue
@@ -324,8 +345,8 @@ def _layer_frame(
             r["act_zd_pct"] = float(np.dot(n, g["act_zd_pct"].to_numpy(np.float64)) / total)
             names = [nm for nm in g["name"] if nm in pairs and vecs[pairs[nm]].averages is not None]
             if names:
-                cur = np.concatenate([vecs[nm].averages for nm in names])  # type: ignore[misc]
-                prev = np.concatenate([vecs[pairs[nm]].averages for nm in names])  # type: ignore[misc]
+                cur = np.concatenate([_averages(vecs[nm]) for nm in names])
+                prev = np.concatenate([_averages(vecs[pairs[nm]]) for nm in names])
                 l2 = float(np.linalg.norm(cur - prev))
                 c = _cosine_pr(cur, prev)
                 r.update(l2_dist=l2, cossim_act=c, ecs=ecs_score(l2, c, ecs_k))
@@ -333,9 +354,20 @@ def _layer_frame(
     return _frame(out, LAYER_SCHEMA)
 
 
-def _frame(rows: list[dict], schema: pa.Schema) -> pd.DataFrame:
+def _rows(df: pd.DataFrame) -> Iterator[Any]:
+    """The table's rows as named tuples (typed loosely: their fields are its columns)."""
+    return df.itertuples(index=False)
+
+
+def _averages(v: _TensorVectors) -> np.ndarray:
+    """The per-channel mean activations (present: the tensor has activation sums)."""
+    assert v.averages is not None
+    return v.averages
+
+
+def _frame(rows: list[dict[str, Any]], schema: pa.Schema) -> pd.DataFrame:
     """A DataFrame whose dtypes follow ``schema`` (nullable ints, float NaN for nulls)."""
-    cols = {}
+    cols: dict[str, Any] = {}
     for f in schema:
         vals = [r.get(f.name) for r in rows]
         if pa.types.is_integer(f.type):
@@ -403,9 +435,9 @@ def _cs(text: str, width: int, left: bool = False) -> str:
     return text + " " * pad if left else " " * pad + text
 
 
-def _z(v: object) -> float:
+def _z(v: Any) -> float:
     """A statistic as llama-imatrix prints it: 0 where we have none (null)."""
-    return 0.0 if v is None or pd.isna(v) else float(v)  # type: ignore[arg-type]
+    return 0.0 if v is None or pd.isna(v) else float(v)
 
 
 def render_statistics(
@@ -472,7 +504,7 @@ def _legacy_text(t: pd.DataFrame, layers: pd.DataFrame, source: str) -> str:
     )
     out.append("\n" + "\t".join(head) + "\n")
     out.append("=" * 169 + "\n")
-    for r in t.itertuples(index=False):
+    for r in _rows(t):
         out.append(
             _LEGACY_ROW
             % (
@@ -495,7 +527,7 @@ def _legacy_text(t: pd.DataFrame, layers: pd.DataFrame, source: str) -> str:
     out.append(f"\nComputing weighted average statistics per layer ({n_layers} layers)\n")
     out.append("\n" + "\t".join(("  Layer", "     μΣ(Act²)", "      μZD", "μCosSim")) + "\n")
     out.append("=" * 48 + "\n")
-    for r in layers.itertuples(index=False):
+    for r in _rows(layers):
         out.append(
             _LEGACY_LAYER_ROW % (r.layer, r.wmean_sum_sqact, r.wmean_zd_pct, _z(r.wmean_cossim))
         )
@@ -522,7 +554,7 @@ def _preferred_text(t: pd.DataFrame, layers: pd.DataFrame, source: str, ecs_k: f
     )
     out.append("\n" + "\t".join(_cs(s, w) for s, w in zip(names, widths, strict=True)) + "\n")
     out.append("=" * 171 + "\n")
-    for r in t.itertuples(index=False):
+    for r in _rows(t):
         h_norm = r.entropy_norm_pct if r.elements > 1 else 0.0
         out.append(
             _PREFERRED_ROW
@@ -551,7 +583,7 @@ def _preferred_text(t: pd.DataFrame, layers: pd.DataFrame, source: str, ecs_k: f
         + "\n"
     )
     out.append("=" * 57 + "\n")
-    for r in layers.itertuples(index=False):
+    for r in _rows(layers):
         l2, cs = _z(r.l2_dist), _z(r.cossim_act)
         out.append(
             _PREFERRED_LAYER_ROW % (r.layer, l2, _z(r.act_zd_pct), cs, ecs_score(l2, cs, ecs_k))
@@ -607,7 +639,7 @@ def compare_imatrices(a: ImatrixData, b: ImatrixData) -> pd.DataFrame:
     for name in sorted(set(a.entries) | set(b.entries)):
         layer_s, kind = split_name(name)
         ea, eb = a.entries.get(name), b.entries.get(name)
-        r: dict = {
+        r: dict[str, Any] = {
             "name": name,
             "layer": layer_number(layer_s) if layer_s != "-" else None,
             "tensor": kind,
@@ -661,12 +693,12 @@ def render_comparison(cmp: pd.DataFrame, a: str, b: str) -> str:
     both = cmp[cmp["in_a"] & cmp["in_b"]].sort_values(
         "cossim", kind="mergesort", na_position="first"
     )
-    for r in both.itertuples(index=False):
+    for r in _rows(both):
         layer = "-" if pd.isna(r.layer) else str(int(r.layer))
         out.append(
             f"{layer:>5}  {r.tensor:<20}  {r.cossim:8.4f}  {r.spearman:8.4f}  {r.mean_ratio:9.4f}  "
             f"{int(r.count_a):9d}  {int(r.count_b):9d}\n"
         )
-    for r in cmp[~(cmp["in_a"] & cmp["in_b"])].itertuples(index=False):
+    for r in _rows(cmp[~(cmp["in_a"] & cmp["in_b"])]):
         out.append(f"only in {'A' if r.in_a else 'B'}: {r.name}\n")
     return "".join(out)

@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from imatrix import __version__
 from imatrix.errors import ImatrixError
@@ -41,18 +42,25 @@ def add_verbosity(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
 
 
-class _StderrHandler(logging.StreamHandler):
+def check_ctx_size(ctx_size: int | None) -> None:
+    """Refuse a ``-c/--ctx-size`` that is given but not positive (the chunk size of
+    ``.dat`` inputs, which llama.cpp would divide by)."""
+    if ctx_size is not None and ctx_size <= 0:
+        raise ImatrixError(f"-c/--ctx-size must be positive, got {ctx_size}")
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is now (tests and wrappers swap it)."""
 
     def __init__(self) -> None:
         super().__init__()
 
-    @property  # type: ignore[override]
-    def stream(self):
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, _value) -> None:
+    def stream(self, _value: TextIO) -> None:
         pass
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from imatrix.cli import add_verbosity
+from imatrix.cli import add_verbosity, check_ctx_size
 from imatrix.errors import ImatrixError
 from imatrix.formats import FORMATS, read_imatrix, write_imatrix
 from imatrix.model import combine
@@ -40,7 +40,7 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("combine", help="combine imatrix files (sums and counts add)")
     p.add_argument("inputs", nargs="+", metavar="IN", help="imatrix files (GGUF or .dat)")
     add_output_options(p)
@@ -55,8 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ctx_size is not None and args.ctx_size <= 0:
-        raise ImatrixError(f"-c/--ctx-size must be positive, got {args.ctx_size}")
+    check_ctx_size(args.ctx_size)
     weights = parse_weights(args.weights)
     items = [read_imatrix(p, chunk_size=args.ctx_size) for p in args.inputs]
     out = combine(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imatrix.cli import add_verbosity
+from imatrix.cli import add_verbosity, check_ctx_size
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix
 from imatrix.stats import compare_imatrices, render_comparison, write_comparison_parquet
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compare",
         help="compare two imatrices per tensor (cosine similarity, rank correlation)",
@@ -28,8 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ctx_size is not None and args.ctx_size <= 0:
-        raise ImatrixError(f"-c/--ctx-size must be positive, got {args.ctx_size}")
+    check_ctx_size(args.ctx_size)
     a = read_imatrix(args.a, chunk_size=args.ctx_size)
     b = read_imatrix(args.b, chunk_size=args.ctx_size)
     try:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
+from imatrix.atomic import check_writable
 from imatrix.cli import add_verbosity
 from imatrix.errors import ImatrixError
-from imatrix.formats import check_writable
+from imatrix.jsonout import dumps
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _SHOW = [
 ]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "evaluate",
         help="perplexity, KL divergence and top-token agreement of quantized models",
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         write_summary(df, args.output)
         log.info("wrote %s", args.output)
     if args.json:
-        print(json.dumps(df.to_dict(orient="records"), indent=1, default=str))
+        print(dumps(df.to_dict(orient="records"), indent=1))
     else:
         print(df[_SHOW].to_string(index=False, float_format=lambda v: f"{v:.6g}"))
     return 0

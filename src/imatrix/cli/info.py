@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from imatrix.cli import add_verbosity
 from imatrix.formats import describe, read_imatrix
+from imatrix.jsonout import dumps
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("info", help="describe an imatrix file")
     p.add_argument("input", metavar="IN", help="imatrix file (GGUF or .dat)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     data = read_imatrix(args.input, chunk_size=args.ctx_size, strict=False)
     info = describe(data, args.input)
     if args.json:
-        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        sys.stdout.write(dumps(info, indent=2) + "\n")
         return 0
     lines = [
         f"file:        {info['file']} ({info['format']})",

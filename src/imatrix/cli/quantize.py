@@ -13,7 +13,7 @@ from imatrix.qtypes import QUANT_TYPES
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "quantize",
         help="quantize a GGUF model (byte-identical to llama-quantize)",
@@ -34,6 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="threads (as llama-quantize's optional last argument; default: all cores)",
     )
+    _add_options(p)
+    add_verbosity(p)
+    p.set_defaults(run=run)
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    """llama-quantize's options."""
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (GGUF or legacy .dat)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument(
@@ -91,8 +98,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write the output in the same shards as the input (OUT-0000i-of-0000N.gguf)",
     )
-    add_verbosity(p)
-    p.set_defaults(run=run)
 
 
 def _read_tensor_type_file(path: str) -> list[str]:

@@ -7,15 +7,14 @@ import argparse
 import logging
 import sys
 
-from imatrix.cli import add_verbosity
-from imatrix.errors import ImatrixError
+from imatrix.cli import add_verbosity, check_ctx_size
 from imatrix.formats import read_imatrix
 from imatrix.stats import DEFAULT_ECS_K, PLOTTABLE, compute_statistics, render_tables, write_parquet
 
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "stats",
         help="per-tensor and per-layer statistics (table, Parquet, plots)",
@@ -51,8 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ctx_size is not None and args.ctx_size <= 0:
-        raise ImatrixError(f"-c/--ctx-size must be positive, got {args.ctx_size}")
+    check_ctx_size(args.ctx_size)
     data = read_imatrix(args.input, chunk_size=args.ctx_size)
     tensors, layers = compute_statistics(data, ecs_k=args.ecs_k)
     if not args.no_table:

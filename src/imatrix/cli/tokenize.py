@@ -14,7 +14,7 @@ from imatrix.cli import add_verbosity
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("tokenize", help="tokenize calibration text as llama-imatrix does")
     p.add_argument(
         "-m", "--model", required=True, help="model GGUF (only its vocabulary is loaded)"
