@@ -8,9 +8,9 @@ llama.cpp (:func:`imatrix.reference.check_pinned`): parity with other tools prov
 nothing, so a mismatch stops the run instead of skipping. Both happen once, after
 collection and outside any test's time limit (a first build takes minutes).
 
-Tiers: every test that uses the ``llama_bin`` fixture, and every test of the modules
-in :data:`SLOW_MODULES`, is marked ``llama`` here, centrally;
-``python -m pytest -m "not llama"`` is the fast tier.
+Tiers: every test that uses the ``llama_bin`` fixture, every test of the modules in
+:data:`SLOW_MODULES` and the tests in :data:`SLOW_TESTS` are marked ``llama`` here,
+centrally; ``python -m pytest -m "not llama"`` is the fast tier.
 """
 
 from __future__ import annotations
@@ -33,14 +33,30 @@ from imatrix.reference import pinned_tools_dir  # noqa: E402
 SLOW_MODULES = frozenset(
     {"test_workflow", "test_workflow_kill", "test_slurm", "test_demo", "test_crash_resume"}
 )
+#: single tests (module, function) of several seconds each that repeat whole collections
+#: to prove equal results, run Snakemake or draw every plot: in the slow tier too, so the
+#: fast one stays under a minute
+SLOW_TESTS = frozenset(
+    {
+        ("test_collect_lib", "test_resume_equals_uninterrupted_run"),
+        ("test_collect_lib", "test_early_stop_gives_identical_data"),
+        ("test_collect_lib", "test_gpu_layers_path_gives_identical_data"),
+        ("test_collect_lib", "test_a_wrong_probe_is_caught_and_undone"),
+        ("test_collect_lib", "test_threads_and_shared_inputs_do_not_change_the_sums"),
+        ("test_bad_input", "test_config_schema_violation_fails_before_any_job"),
+        ("test_plots", "test_write_plots_standard_set"),
+    }
+)
 _TOOLS = pytest.StashKey[Path]()
 
 
 def _is_slow(item: pytest.Item) -> bool:
+    if "llama_bin" in getattr(item, "fixturenames", ()):
+        return True
     module = getattr(item, "module", None)
-    return "llama_bin" in getattr(item, "fixturenames", ()) or (
-        module is not None and module.__name__ in SLOW_MODULES
-    )
+    name = module.__name__ if module is not None else ""
+    function = getattr(item, "originalname", item.name)
+    return name in SLOW_MODULES or (name, function) in SLOW_TESTS
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
@@ -52,6 +68,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Locate (or build) and check llama.cpp's tools when a selected test needs them."""
+    if session.config.option.collectonly:
+        return
     if any("llama_bin" in getattr(i, "fixturenames", ()) for i in session.items):
         _locate(session.config)
 

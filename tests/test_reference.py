@@ -57,9 +57,11 @@ def test_another_build_is_refused(tmp_path: Path, change, needle: str) -> None:
 
 def test_a_tool_that_fails_or_is_missing_is_refused(tmp_path: Path) -> None:
     version, commit = library_build()
-    with pytest.raises(ImatrixError, match="--version exited 3"):
-        check_pinned(fake_tools(tmp_path / "bin", version, commit, rc=3))
-    (tmp_path / "bin" / "llama-quantize").unlink()
+    with pytest.raises(ImatrixError, match="--version exited 3: "):
+        check_pinned(fake_tools(tmp_path / "failing", version, commit, rc=3))
+    with pytest.raises(ImatrixError, match="exited 0 without a version line"):
+        check_pinned(fake_tools(tmp_path / "silent", "", ""))
+    (fake_tools(tmp_path / "bin", version, commit) / "llama-quantize").unlink()
     with pytest.raises(ImatrixError, match="llama-quantize: no such executable"):
         check_pinned(tmp_path / "bin")
 

@@ -78,7 +78,8 @@ def tool_build(bin_dir: Path, tool: str = TOOLS[0]) -> tuple[str, str]:
     m = _VERSION_LINE.search(proc.stdout + proc.stderr)
     if proc.returncode != 0 or m is None:
         raise ImatrixError(
-            f"{exe} --version exited {proc.returncode} without a version line: "
+            f"{exe} --version exited {proc.returncode}"
+            f"{'' if m else ' without a version line'}: "
             f"{(proc.stderr or proc.stdout).strip()[-300:]!r}"
         )
     return m.group("version"), m.group("commit")
