@@ -16,11 +16,14 @@ from imatrix.reference import ENV_BIN, TOOLS, check_pinned, library_build, tools
 
 
 def fake_tools(d: Path, version: str, commit: str, rc: int = 0) -> Path:
+    """Tools that print llama.cpp's build line; llama-quantize (no ``--version``) prints it
+    and fails on its missing input, as the real one does, with exit code ``rc + 1``."""
     d.mkdir()
     for tool in TOOLS:
         exe = d / tool
+        code = rc + 1 if tool == "llama-quantize" else rc
         exe.write_text(
-            f'#!/bin/sh\necho "version: {version} (build 1, commit {commit})" >&2\nexit {rc}\n'
+            f'#!/bin/sh\necho "version: {version} (build 1, commit {commit})" >&2\nexit {code}\n'
         )
         exe.chmod(0o755)
     return d

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 from imatrix.errors import ImatrixError
@@ -33,7 +34,7 @@ TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
 BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-llama-tools.sh"
 #: seconds a first build may take (it compiles llama.cpp; later calls hit the cache)
 BUILD_TIMEOUT = 3600
-#: seconds ``TOOL --version`` may take
+#: seconds a tool may take to print its version
 VERSION_TIMEOUT = 60
 #: what llama.cpp prints for ``--version``: "version: 0.5.0-dev (build 1, commit 0c1e570)"
 _VERSION_LINE = re.compile(r"version: (?P<version>\S+) \(build \d+, commit (?P<commit>[^)\s]+)\)")
@@ -67,18 +68,29 @@ def tools_dir(explicit: str | Path | None = None) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def _version_probe(tool: str, scratch: Path) -> tuple[list[str], int]:
+    """Arguments that make ``tool`` print its build line, and the exit code they give.
+    llama-quantize has no ``--version``: it prints the line before loading its input,
+    so a missing input (in an empty scratch directory: nothing is written) shows it."""
+    if tool == "llama-quantize":
+        return [str(scratch / "missing.gguf"), str(scratch / "out.gguf"), "COPY"], 1
+    return ["--version"], 0
+
+
 def tool_build(bin_dir: Path, tool: str = TOOLS[0]) -> tuple[str, str]:
-    """(llama.cpp version, commit) that ``tool --version`` reports."""
+    """(llama.cpp version, commit) that ``tool`` reports (``--version`` or its banner)."""
     exe = bin_dir / tool
     if not os.access(exe, os.X_OK):
         raise ImatrixError(f"{exe}: no such executable (is {ENV_BIN} right?)")
-    proc = subprocess.run(
-        [str(exe), "--version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT
-    )
+    with tempfile.TemporaryDirectory(prefix="imatrix-probe-") as scratch:
+        args, rc = _version_probe(tool, Path(scratch))
+        proc = subprocess.run(
+            [str(exe), *args], capture_output=True, text=True, timeout=VERSION_TIMEOUT
+        )
     m = _VERSION_LINE.search(proc.stdout + proc.stderr)
-    if proc.returncode != 0 or m is None:
+    if proc.returncode != rc or m is None:
         raise ImatrixError(
-            f"{exe} --version exited {proc.returncode}"
+            f"{exe} {' '.join(args)} exited {proc.returncode}"
             f"{'' if m else ' without a version line'}: "
             f"{(proc.stderr or proc.stdout).strip()[-300:]!r}"
         )
