@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imatrix.reference import pinned_tools_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imatrix-pipeline" / "bench"
@@ -58,18 +60,6 @@ class Timing:
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
-
-
-def llama_bin(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    out = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "build-llama-tools.sh")],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def default_model(bin_dir: Path) -> Path:
@@ -246,7 +236,7 @@ def main() -> None:
     from imatrix.llama_api import load_model
     from imatrix.tokenize import read_text, tokenize_text
 
-    bins = llama_bin(args.llama_bin)
+    bins = pinned_tools_dir(args.llama_bin)
     model = Path(args.model) if args.model else default_model(bins)
     with tempfile.TemporaryDirectory(prefix="bench-collect-") as td:
         work = Path(td)

@@ -36,7 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quantize import CACHE, demo_f16, demo_imatrix, llama_bin  # noqa: E402
+from quantize import CACHE, demo_f16, demo_imatrix  # noqa: E402
+
+from imatrix.reference import pinned_tools_dir  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -134,7 +136,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    bin_dir = llama_bin(args.llama_bin)
+    bin_dir = pinned_tools_dir(args.llama_bin)
     base = Path(args.base) if args.base else demo_f16()
     quant = Path(args.quant) if args.quant else default_quant(bin_dir, base)
     text = Path(args.text) if args.text else default_text()

@@ -32,24 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from imatrix.reference import pinned_tools_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imatrix-pipeline" / "bench"
 )
 
 log = logging.getLogger("bench")
-
-
-def llama_bin(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    out = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "build-llama-tools.sh")],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def demo_f16() -> Path:
@@ -117,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    bin_dir = llama_bin(args.llama_bin)
+    bin_dir = pinned_tools_dir(args.llama_bin)
     model = Path(args.model) if args.model else demo_f16()
     im = Path(args.imatrix) if args.imatrix else demo_imatrix(bin_dir, model)
     threads = [str(args.threads)] if args.threads else []

@@ -26,17 +26,24 @@ def llama_imatrix(llama_bin: Path, *args: object) -> subprocess.CompletedProcess
 
 
 def run_until_logged(
-    llama_bin: Path, tool: str, *args: object, pattern: str, tries: int = 100
+    llama_bin: Path, tool: str, *args: object, pattern: str, returncode: int, tries: int = 100
 ) -> tuple[subprocess.CompletedProcess[str], re.Match[str]]:
-    """Run a tool until its output contains ``pattern``.
+    """Run a tool until its output contains ``pattern``; every run must exit with
+    ``returncode``.
 
     llama.cpp's tools log through an asynchronous logger that often loses its last
     lines when the process exits early (after an error), so one run may print nothing
-    at all; the exit code is reliable, the text needs retries (each run takes ms).
+    at all; the exit code is reliable, the text needs retries (each run takes ms). A
+    run that exits otherwise fails at once: a retry must not hide a crash.
     """
     proc = None
-    for _ in range(tries):
+    for attempt in range(1, tries + 1):
         proc = run_tool(llama_bin, tool, *args, check=False)
+        if proc.returncode != returncode:
+            raise AssertionError(
+                f"{tool} run {attempt} exited {proc.returncode}, expected {returncode}:\n"
+                f"{proc.stderr[-2000:]}"
+            )
         m = re.search(pattern, proc.stderr + proc.stdout)
         if m:
             return proc, m

@@ -352,14 +352,15 @@ def test_output_in_read_only_directory(kit, tmp_path):
     ro.chmod(0o555)
     root = os.geteuid() == 0
     # root ignores modes: make the directory immutable instead
-    if root and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode != 0:
+    chattr = ["chattr", "+i", str(ro)]
+    if root and subprocess.run(chattr, capture_output=True, timeout=60).returncode != 0:
         skip_or_fail("cannot make a directory read-only for root here (chattr +i)")
     try:
         argv = _collect(kit, ro / "out.gguf", kit.dense, kit.calib)
         check_case(argv, ("ro/out.gguf", "permission denied"), tmp_path)
     finally:
         if root:
-            subprocess.run(["chattr", "-i", str(ro)], check=True)
+            subprocess.run(["chattr", "-i", str(ro)], check=True, timeout=60)
         ro.chmod(0o755)
 
 
@@ -392,14 +393,16 @@ def tiny_fs(tmp_path):
     mnt = tmp_path / "full"
     mnt.mkdir()
     proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+        capture_output=True,
+        timeout=60,
     )
     if proc.returncode != 0:
         skip_or_fail(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["umount", str(mnt)], check=True, timeout=60)
 
 
 def test_disk_full_during_the_final_write(kit, tiny_fs):

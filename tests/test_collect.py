@@ -231,6 +231,7 @@ def test_nonfinite_activations_stop_the_run(tmp_path, calib_text, llama_bin, cap
         "--chunks",
         "2",
         pattern=r"non-finite values detected in blk\.1\.ffn_down\.weight",
+        returncode=1,
     )
     assert proc.returncode == 1
     out = tmp_path / "ours.gguf"

@@ -392,7 +392,7 @@ def test_second_collector_waits_for_the_first(tmp_path, dense_model, calib_text,
         for p in (first, second):
             if p is not None and p.poll() is None:
                 p.kill()
-                p.wait()
+                p.wait(timeout=60)
     assert f"{out} is being written by pid {first.pid} on " in err
     assert "waiting for it to finish" in err
     assert out.read_bytes() == ref_bytes

@@ -82,7 +82,8 @@ def flush_logs_env(tmp_path_factory) -> dict[str, str]:
             "__attribute__((destructor)) static void wait_for_log(void) { usleep(500000); }\n"
         )
         r = subprocess.run(
-            [cc, "-shared", "-fPIC", "-o", str(d / "libdelay.so"), str(d / "delay.c")]
+            [cc, "-shared", "-fPIC", "-o", str(d / "libdelay.so"), str(d / "delay.c")],
+            timeout=120,
         )
         if r.returncode == 0:
             env["LD_PRELOAD"] = str(d / "libdelay.so")
@@ -118,6 +119,7 @@ def llama_perplexity_kld(
             ],
             capture_output=True,
             text=True,
+            timeout=600,
         )
         assert r.returncode == 0, r.stderr[-3000:]
     # in case the final statistics were lost anyway (see flush_logs_env): run it again
@@ -135,6 +137,7 @@ def llama_perplexity_kld(
             capture_output=True,
             text=True,
             env=env,
+            timeout=600,
         )
         assert r.returncode == 0, r.stderr[-3000:]
         out = r.stdout + r.stderr

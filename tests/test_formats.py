@@ -259,14 +259,15 @@ def test_output_in_read_only_directory(tmp_path, good, capsys):
     # root ignores modes: make the directory immutable instead
     if (
         os.geteuid() == 0
-        and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode != 0
+        and subprocess.run(["chattr", "+i", str(ro)], capture_output=True, timeout=60).returncode
+        != 0
     ):
         skip_or_fail("cannot make a directory read-only for root here (chattr +i)")
     try:
         rc, _, err = _cli(capsys, "convert", good, "-o", ro / "x.gguf")
     finally:
         if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(ro)], check=True)
+            subprocess.run(["chattr", "-i", str(ro)], check=True, timeout=60)
     assert rc == 1
     _one_clean_line(err, "permission denied")
     assert not any(ro.iterdir())

@@ -26,6 +26,7 @@ def run_llama_quantize(llama_bin: Path, *args: str | Path) -> subprocess.Complet
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        timeout=300,
     )
 
 
@@ -52,6 +53,7 @@ def real_imatrices(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
+                timeout=300,
             )
             assert r.returncode == 0, r.stdout[-3000:]
         out[kind] = {"gguf": gg, "dat": dat}

@@ -135,7 +135,9 @@ def snakemake(workdir: Path, *args: str, env: dict[str, str]) -> str:
     """Run this checkout's workflow in ``workdir``; its log (stderr) on success."""
     cmd = ["timeout", "-k", "30", str(RUN_TIMEOUT), sys.executable, "-m", "snakemake"]
     cmd += ["-s", str(SNAKEFILE), "--configfile", "config.yaml", *args]
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT + 60
+    )
     (workdir / "snakemake.out").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise AssertionError(

@@ -29,6 +29,7 @@ def llama_token_count(llama_bin: Path, model: Path, text: Path, *extra: str) -> 
         "1000000",
         *extra,
         pattern=r"tokenizes to only (\d+) tokens",
+        returncode=1,
     )
     return int(m.group(1))
 

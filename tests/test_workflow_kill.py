@@ -246,7 +246,7 @@ def test_snakemake_dies_while_its_jobs_live_on(workdir, reference):
                 os.kill(pid, signal.SIGKILL)
         if rerun is not None and rerun.poll() is None:
             rerun.kill()
-            rerun.communicate()
+            rerun.communicate(timeout=60)
     assert_same_outputs(workdir, reference)
 
 

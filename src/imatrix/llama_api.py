@@ -235,7 +235,7 @@ def load_model(
     mp = lc.llama_model_default_params()
     mp.n_gpu_layers = int(n_gpu_layers)
     mp.vocab_only = bool(vocab_only)
-    with _errors_taken() as errors:
+    with llama_errors() as errors:
         ptr = lc.llama_model_load_from_file(str(p).encode(), mp)
     if not ptr:
         raise ImatrixError(_load_failure(p, errors))
@@ -259,7 +259,10 @@ class _TakeErrors(logging.Filter):
 
 
 @contextlib.contextmanager
-def _errors_taken() -> Iterator[list[str]]:
+def llama_errors() -> Iterator[list[str]]:
+    """llama.cpp's error lines logged while the block runs, for a one-line error message
+    (the one filter every caller of a failing llama.cpp function uses)."""
+    init_backend()
     f = _TakeErrors()
     llama_log.addFilter(f)
     try:

@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from imatrix.constants import (
 )
 from imatrix.errors import ImatrixError
 from imatrix.formats import load_means
+from imatrix.llama_api import llama_errors
 from imatrix.qtypes import (
     GGML_TYPE_COUNT,
     GGML_TYPE_NAMES,
@@ -294,40 +295,6 @@ def _guard_asserting_types(opts: QuantizeOptions, imx: PreparedImatrix | None) -
             )
 
 
-class _CollectErrors(logging.Filter):
-    """Takes llama.cpp's error lines out of the log (they become our one-line error
-    message) and passes them on at DEBUG, for ``-v`` runs."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        super().__init__()
-        self.logger = logger
-        self.lines: list[str] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            return True
-        msg = record.getMessage()
-        self.lines.append(msg)
-        self.logger.debug("%s", msg)
-        return False
-
-
-@contextlib.contextmanager
-def _llama_errors() -> Iterator[list[str]]:
-    """Collect llama.cpp's error lines (bridged into the ``imatrix.llama`` logger by
-    :func:`imatrix.llama_api.init_backend`) while a call runs."""
-    from imatrix import llama_api
-
-    llama_api.init_backend()
-    logger = llama_api.llama_log
-    collect = _CollectErrors(logger)
-    logger.addFilter(collect)
-    try:
-        yield collect.lines
-    finally:
-        logger.removeFilter(collect)
-
-
 def _model_tensor_names(base: Path) -> set[str] | None:
     """Tensor names of a model (all its splits), or None when they cannot be known
     here (then llama.cpp's own checks apply)."""
@@ -439,7 +406,7 @@ def quantize(
 
 
 def _run(base: Path, out: Path, params: _Params, shown: Path | None = None) -> None:
-    with _llama_errors() as errors:
+    with llama_errors() as errors:
         rc = _quantize_call(base, out, params)
     if rc != 0:
         from imatrix.llama_api import model_file_problem
@@ -484,7 +451,7 @@ def _run_split(base: Path, prefix: Path, params: _Params) -> Path:
     os.close(fd)
     tmp_prefix = tmp_marker[: -len(".tmp")]
     try:
-        with _llama_errors() as errors:
+        with llama_errors() as errors:
             rc = _quantize_call(base, Path(tmp_prefix), params)
         shards = sorted(glob.glob(split_glob(tmp_prefix)))
         if rc != 0:
