@@ -7,7 +7,13 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo's config, only when the user gives none: `--configfile my.yaml` replaces it
+# instead of being merged into it. (--replace-workflow-config would do the same in this
+# process, but Snakemake does not pass that flag on to the processes of cluster jobs,
+# which re-read this file: there the demo's datasets would come back.)
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -37,6 +37,9 @@ import yaml
 # sys.path: conftest.py puts it there)
 from ci import skip_or_fail
 from test_workflow import make_workdir
+from test_workflow_user import USER_CONFIG, make_checkout, small_config
+
+from imatrix.formats import read_imatrix
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
@@ -209,7 +212,7 @@ def profile_copy(dest: Path, cluster: Cluster) -> dict:
         rule_resources.pop("slurm_partition", None)
     if not cluster.has_accounting:
         profile["slurm-status-command"] = "squeue"
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return profile
 
@@ -315,3 +318,28 @@ def test_workflow_through_slurm_profile(
     assert sorted(slurm_out) == sorted(local_out)
     differ = [p for p in local_out if local_out[p] != slurm_out[p]]
     assert not differ
+
+
+def test_user_config_through_slurm_profile(
+    cluster: Cluster, tmp_path: Path, dense_model: Path
+) -> None:
+    """The README's command for a config of one's own, from a checkout that has the
+    demo's config/config.yaml: each job process re-reads the Snakefile (without
+    --replace-workflow-config, which Snakemake does not pass on), and must still see the
+    user's config alone, not the demo's datasets merged back in."""
+    checkout = make_checkout(tmp_path / "checkout", dense_model, small_config())
+    # what a site does: edit the SITE lines of the checkout's own profile
+    profile_copy(checkout / "profiles" / "slurm", cluster)
+    cmd = ["timeout", "-k", "30", str(RUN_TIMEOUT), sys.executable, "-m", "snakemake"]
+    cmd += ["--profile", "profiles/slurm", "--configfile", USER_CONFIG]
+    proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, env=clean_env())
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-8000:]
+
+    merged = read_imatrix(checkout / "results/tiny/imatrix.gguf")
+    assert merged.datasets == ["alpha"]
+    records = scheduler_records(checkout)
+    remote = [j for j in jobs_of(log).values() if not j.local]
+    assert {j.rule for j in remote} >= {"collect", "merge", "quantize"}, remote
+    assert Counter(r["Comment"] for r in records) == Counter(j.comment for j in remote)
+    assert all(r["JobState"] == "COMPLETED" for r in records), records
