@@ -42,7 +42,7 @@ from test_workflow_user import USER_CONFIG, make_checkout, small_config
 from imatrix.formats import read_imatrix
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEFILE = ROOT / "Snakefile"
+SNAKEFILE = ROOT / "workflow" / "Snakefile"
 PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
 #: seconds before a hung run is killed (snakemake may ignore SIGTERM, hence timeout -k)
 RUN_TIMEOUT = 1200

@@ -32,7 +32,7 @@ from imatrix.formats import read_imatrix, write_imatrix
 from imatrix.model import combine
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEFILE = ROOT / "Snakefile"
+SNAKEFILE = ROOT / "workflow" / "Snakefile"
 CONFIG = ROOT / "tests" / "workflow_config" / "config.yaml"
 RUN_TIMEOUT = 900
 SNAKEMAKE = (sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE))
@@ -277,6 +277,7 @@ def test_config_change_outside_collection_does_not_recollect(run_b: Path) -> Non
     cfg["datasets"]["beta"]["weight"] = 3
     cfg["evaluate"]["chunks"] = 2
     cfg["collect"]["threads"] = 2  # how a shard is computed, not what it holds
+    cfg["collect"]["ngl"] = 1
     cfg["collect"]["output_frequency"] = 5
     (run_b / "changed.yaml").write_text(yaml.safe_dump(cfg))
     counts, out = dry_run(run_b, config="changed.yaml")
@@ -450,7 +451,7 @@ def test_lint_and_format() -> None:
     assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, proc.stderr
     snakefmt = shutil.which("snakefmt") or str(Path(sys.executable).parent / "snakefmt")
     proc = subprocess.run(
-        [snakefmt, "--check", "Snakefile", "workflow"],
+        [snakefmt, "--check", "."],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -61,8 +61,6 @@ def make_checkout(dest: Path, model: Path, config: dict) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake")
     for part in CHECKOUT_PARTS:
         shutil.copytree(ROOT / part, dest / part, ignore=ignore)
-    if (ROOT / "Snakefile").is_file():
-        shutil.copyfile(ROOT / "Snakefile", dest / "Snakefile")
     cfg = yaml.safe_load(yaml.safe_dump(config))
     for m in cfg["models"].values():
         m["path"] = f"{USER_DIR}/{m['path']}"

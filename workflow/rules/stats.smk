@@ -24,8 +24,8 @@ rule stats:
     conda:
         conda_env()
     resources:
-        mem_mb=4096,
-        runtime=30,
+        mem_mb=get_mem_mb(2),
+        runtime=get_runtime(30),
     script:
         "../scripts/stats.py"
 

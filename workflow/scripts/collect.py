@@ -25,7 +25,7 @@ collect_shard(
     n_ubatch=settings["n_ubatch"],
     process_output=settings["process_output"],
     ppl=settings["ppl"],
-    ngl=snakemake.config["collect"]["ngl"],
+    ngl=snakemake.params.ngl,
     threads=snakemake.threads,
-    output_frequency=snakemake.config["collect"]["output_frequency"],
+    output_frequency=snakemake.params.output_frequency,
 )

@@ -18,5 +18,5 @@ evaluate_quants(
     n_ctx=snakemake.params.n_ctx,
     chunks=snakemake.params.chunks,
     threads=snakemake.threads,
-    ngl=snakemake.config["evaluate"]["ngl"],
+    ngl=snakemake.params.ngl,
 )
