@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from imatrix import workflow_helpers as wh
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix, write_imatrix
 from imatrix.model import Entry, ImatrixData, Provenance, combine
+from imatrix.workflow import resources
 
 # --- shards -------------------------------------------------------------------------
 
@@ -373,3 +376,65 @@ def test_collect_shard_discards_checkpoint_of_an_older_config(
     fresh = tmp_path / "fresh.gguf"
     wh.collect_shard(str(dense_model), str(tokens), str(fresh), n_ctx=32, **kw)
     assert out.read_bytes() == fresh.read_bytes()
+
+
+# --- resources ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+#: what the SLURM profile may set per rule: site settings, never the rules' requests
+SITE_RESOURCES = {
+    "slurm_partition",
+    "slurm_account",
+    "qos",
+    "slurm_extra",
+    "gpu_model",
+    "constraint",
+    "gres",
+}
+
+
+def test_resources_grow_with_the_attempt_except_collect_runtime() -> None:
+    first = resources.mem_mb("collect", 500.0)
+    assert first == 2 * 500 + resources.MEM_OVERHEAD_MB
+    assert resources.mem_mb("collect", 500.0, attempt=2) == 2 * first
+    assert resources.mem_mb("evaluate", 0.0) == 1 + resources.MEM_OVERHEAD_MB
+    # a collect job resumes from its checkpoint: the same time limit on every attempt
+    assert resources.runtime_min("collect", 3) == resources.runtime_min("collect", 1)
+    assert resources.runtime_min("quantize", 2) == 2 * resources.runtime_min("quantize", 1)
+    assert [resources.gpu_count(n) for n in (0, 1, 99)] == [0, 1, 1]
+    with pytest.raises(ImatrixError, match="no resources defined for step 'nope'"):
+        resources.mem_mb("nope", 1.0)
+
+
+def _cluster_rules() -> dict[str, str]:
+    """Rule name -> body of every rule that is not a local rule."""
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "workflow/rules").glob("*.smk")))
+    local = set(re.findall(r"^    (\w+),$", text, re.M))
+    blocks = re.split(r"^(?=(?:rule|checkpoint|use rule) )", text, flags=re.M)
+    rules = {}
+    for block in blocks:
+        m = re.match(r"(?:rule|checkpoint) (\w+):", block)
+        if m and m.group(1) not in local:
+            rules[m.group(1)] = block
+    return rules
+
+
+def test_rules_take_their_resources_from_the_library() -> None:
+    rules = _cluster_rules()
+    assert set(rules) == set(resources.STEPS)
+    for name, body in rules.items():
+        assert f'mem_mb=get_mem_mb("{name}")' in body, name
+        assert f'runtime=get_runtime("{name}")' in body, name
+    for name in ("collect", "evaluate"):
+        assert "gpu=get_gpu(" in rules[name], name
+
+
+def test_slurm_profile_adds_only_site_settings() -> None:
+    profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
+    assert set(profile.get("default-resources") or {}) <= SITE_RESOURCES
+    for rule, res in profile["set-resources"].items():
+        assert set(res) <= SITE_RESOURCES, (rule, res)
+    # the signal ahead of the time limit goes to the collector's job step, not only to
+    # the batch shell (B:), which would leave it KillWait seconds instead
+    extra = profile["set-resources"]["collect"]["slurm_extra"]
+    assert re.fullmatch(r"'--signal=TERM@\d+'", extra), extra

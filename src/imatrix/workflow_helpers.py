@@ -130,12 +130,6 @@ def check_config(config: Mapping[str, Any]) -> None:
         _need_file("evaluate.text", text)
 
 
-def model_mem_mb(size_mb: float, factor: float) -> int:
-    """Memory request of a job that loads a model of ``size_mb``: ``factor`` copies plus
-    1 GiB for the runtime and buffers."""
-    return int(max(size_mb, 1.0) * factor) + 1024
-
-
 # ---------------------------------------------------------------------------
 # datasets
 

@@ -19,8 +19,8 @@ rule collect:
     threads: COLLECT["threads"]
     resources:
         gpu=get_gpu(COLLECT["ngl"]),
-        mem_mb=get_mem_mb(2),
-        runtime=get_runtime(120),
+        mem_mb=get_mem_mb("collect"),
+        runtime=get_runtime("collect"),
     params:
         settings=collect_settings(),
         shards=COLLECT["shards"],

@@ -14,6 +14,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from imatrix import workflow_helpers as wh  # noqa: E402
+from imatrix.workflow import resources  # noqa: E402
 from imatrix.errors import ImatrixError  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -182,24 +183,23 @@ def execution_setting(value):
     return lambda wildcards, resources: value
 
 
-# Resources: only the portable ones (gpu, mem_mb, runtime, threads); partition, account
-# and GPU model are site settings and live in profiles/slurm.
+# Resources: only the portable ones (gpu, mem_mb, runtime, threads), decided by the
+# library (imatrix.workflow.resources) for every executor; partition, account, GPU model
+# and signals are site settings and live in profiles/slurm.
 
 
 def get_gpu(ngl):
-    """Portable GPU request: one device for a job that offloads layers, none otherwise."""
-    return 1 if ngl > 0 else 0
+    """GPU request of a job offloading `ngl` layers: one device if any, else none."""
+    return resources.gpu_count(ngl)
 
 
-def get_mem_mb(copies):
-    """mem_mb of a job: `copies` of its inputs plus a fixed overhead, growing with each
-    retry (so an out-of-memory kill is retried with more)."""
-    return (
-        lambda wildcards, input, attempt: wh.model_mem_mb(input.size_mb, copies)
-        * attempt
+def get_mem_mb(step):
+    """mem_mb of a job of `step`, from the size of its inputs and the attempt."""
+    return lambda wildcards, input, attempt: resources.mem_mb(
+        step, input.size_mb, attempt
     )
 
 
-def get_runtime(minutes):
-    """runtime of a job: `minutes`, growing with each retry."""
-    return lambda wildcards, attempt: minutes * attempt
+def get_runtime(step):
+    """runtime (minutes) of a job of `step` on its attempt."""
+    return lambda wildcards, attempt: resources.runtime_min(step, attempt)

@@ -21,8 +21,8 @@ rule evaluate:
     threads: EVALUATE["threads"]
     resources:
         gpu=get_gpu(EVALUATE["ngl"]),
-        mem_mb=get_mem_mb(1),
-        runtime=get_runtime(60),
+        mem_mb=get_mem_mb("evaluate"),
+        runtime=get_runtime("evaluate"),
     params:
         n_ctx=EVALUATE["n_ctx"],
         chunks=EVALUATE["chunks"],

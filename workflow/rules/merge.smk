@@ -16,8 +16,8 @@ rule merge:
     conda:
         conda_env()
     resources:
-        mem_mb=get_mem_mb(2),
-        runtime=get_runtime(30),
+        mem_mb=get_mem_mb("merge"),
+        runtime=get_runtime("merge"),
     params:
         datasets=get_shard_datasets,
         weights={d: config["datasets"][d]["weight"] for d in DATASETS},

@@ -31,8 +31,8 @@ rule base_model:
         conda_env()
     threads: config["quantize"]["threads"]
     resources:
-        mem_mb=get_mem_mb(4),
-        runtime=get_runtime(30),
+        mem_mb=get_mem_mb("base_model"),
+        runtime=get_runtime("base_model"),
     script:
         "../scripts/base_model.py"
 

@@ -16,8 +16,8 @@ rule quantize:
         conda_env()
     threads: config["quantize"]["threads"]
     resources:
-        mem_mb=get_mem_mb(2),
-        runtime=get_runtime(60),
+        mem_mb=get_mem_mb("quantize"),
+        runtime=get_runtime("quantize"),
     params:
         allow_requantize=config["quantize"]["allow_requantize"],
     script:
