@@ -1,6 +1,6 @@
 # Helpers shared by all rules: config validation, wildcard constraints, input functions
 # (get_*), resources and the default target. Everything that needs more than a lookup
-# lives in the library (imatrix.workflow_helpers), where it is tested without Snakemake.
+# lives in the library (imatrix.workflow), where it is tested without Snakemake.
 
 import re
 import sys
@@ -13,21 +13,27 @@ from snakemake.utils import validate
 # (workflow.basedir is the directory of workflow/Snakefile).
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
-from imatrix import workflow_helpers as wh  # noqa: E402
-from imatrix.workflow import resources  # noqa: E402
 from imatrix.errors import ImatrixError  # noqa: E402
+from imatrix.workflow import resources as job_resources  # noqa: E402
+from imatrix.workflow.config import (  # noqa: E402
+    canonical_quant_types,
+    check_config,
+    types_without_imatrix,
+)
+from imatrix.workflow.datasets import dataset_format  # noqa: E402
+from imatrix.workflow.shards import dataset_chunks, shard_count  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 try:
-    wh.check_config(config)
+    check_config(config)
 except ImatrixError as exc:
     raise WorkflowError(f"invalid config: {exc}") from None
 
 MODELS = list(config["models"])
 DATASETS = list(config["datasets"])
-QUANT_TYPES = wh.canonical_quant_types(config["quantize"]["types"])
-QUANT_TYPES_NO_IMATRIX = wh.types_without_imatrix(QUANT_TYPES)
+QUANT_TYPES = canonical_quant_types(config["quantize"]["types"])
+QUANT_TYPES_NO_IMATRIX = types_without_imatrix(QUANT_TYPES)
 COLLECT = config["collect"]
 EVALUATE = config["evaluate"]
 
@@ -68,7 +74,7 @@ def get_dataset_path(wildcards):
 def get_dataset_text(wildcards):
     """Plain text of a dataset: text files as they are, JSONL/Parquet extracted first."""
     ds = config["datasets"][wildcards.d]
-    if wh.dataset_format(ds["path"], ds["format"]) == "text":
+    if dataset_format(ds["path"], ds["format"]) == "text":
         return ds["path"]
     return f"results/datasets/{wildcards.d}.txt"
 
@@ -85,8 +91,8 @@ def n_shards(m, d):
     if COLLECT["chunks_per_shard"] is None:
         return COLLECT["shards"]
     tokens = checkpoints.tokenize.get(m=m, d=d).output.tokens
-    return wh.shard_count(
-        wh.dataset_chunks(tokens, COLLECT["n_ctx"], config["datasets"][d]["chunks"]),
+    return shard_count(
+        dataset_chunks(tokens, COLLECT["n_ctx"], config["datasets"][d]["chunks"]),
         chunks_per_shard=COLLECT["chunks_per_shard"],
     )
 
@@ -190,16 +196,16 @@ def execution_setting(value):
 
 def get_gpu(ngl):
     """GPU request of a job offloading `ngl` layers: one device if any, else none."""
-    return resources.gpu_count(ngl)
+    return job_resources.gpu_count(ngl)
 
 
 def get_mem_mb(step):
     """mem_mb of a job of `step`, from the size of its inputs and the attempt."""
-    return lambda wildcards, input, attempt: resources.mem_mb(
+    return lambda wildcards, input, attempt: job_resources.mem_mb(
         step, input.size_mb, attempt
     )
 
 
 def get_runtime(step):
     """runtime (minutes) of a job of `step` on its attempt."""
-    return lambda wildcards, attempt: resources.runtime_min(step, attempt)
+    return lambda wildcards, attempt: job_resources.runtime_min(step, attempt)
