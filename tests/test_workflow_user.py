@@ -10,8 +10,9 @@ model and datasets under ``mine/`` beside it, and run the README's commands ther
   demo's (no demo model or dataset is planned), with or without
   ``--replace-workflow-config``, and the run gives the merged imatrix of the user's
   datasets only;
-- ``snakemake -n`` and ``snakemake -n --config ...``: the demo config still loads when
-  no config file is given, and ``--config`` overrides it key by key.
+- ``snakemake -n`` and ``snakemake -n --configfile config/config.yaml changes.yaml``:
+  the demo config still loads when no config file is given, and a file of changes named
+  after it overrides it key by key.
 
 tests/test_slurm.py runs the same checkout through the SLURM profile, where the job
 processes re-read the Snakefile (the bug these tests guard against: Snakemake does not
@@ -115,15 +116,17 @@ def test_user_config_replaces_the_demo(checkout: Path) -> None:
 
 
 def test_demo_config_loads_without_a_config_file(checkout: Path) -> None:
-    """No --configfile: the demo plans its own model and datasets; --config overrides
-    single keys of it (the README's way to change the demo)."""
+    """No --configfile: the demo plans its own model and datasets. The README's way to
+    change some keys of the demo: the demo config, then a file of changes, which
+    overrides it key by key."""
     demo = yaml.safe_load((checkout / "config" / "config.yaml").read_text())
     out = snakemake(checkout, "-n", "-c2")
     counts = job_counts(out)
     assert counts["demo_model"] == 1 and counts["tokenize"] == len(demo["datasets"])
     assert counts["collect"] == len(demo["datasets"]) * demo["collect"]["shards"], out
-    out = snakemake(checkout, "-n", "-c2", "--config", "collect={shards: 1}")
+    (checkout / "changes.yaml").write_text("collect:\n  shards: 1\n")
+    out = snakemake(checkout, "-n", "-c2", "--configfile", "config/config.yaml", "changes.yaml")
     counts = job_counts(out)
-    assert counts["collect"] == len(demo["datasets"]), out
-    # the rest of the demo's collect block is kept
+    assert counts["demo_model"] == 1 and counts["collect"] == len(demo["datasets"]), out
+    # the rest of the demo config is kept
     assert counts["quantize"] == len(demo["quantize"]["types"]), out

@@ -185,7 +185,8 @@ def get_all_targets(wildcards):
 def execution_setting(value):
     """A params entry that says how a job runs, not what it produces (`ngl`,
     `output_frequency`): changing it must not rerun finished jobs. Snakemake leaves params
-    derived from a job's resources out of its params rerun trigger, hence the argument."""
+    derived from a job's resources out of its params rerun trigger, hence the argument.
+    """
     return lambda wildcards, resources: value
 
 
