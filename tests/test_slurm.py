@@ -336,14 +336,17 @@ def test_user_config_through_slurm_profile(
     cluster: Cluster, tmp_path: Path, dense_model: Path
 ) -> None:
     """The README's command for a config of one's own, from a checkout that has the
-    demo's config/config.yaml: each job process re-reads the Snakefile (without
-    --replace-workflow-config, which Snakemake does not pass on), and must still see the
-    user's config alone, not the demo's datasets merged back in."""
+    demo's config/config.yaml: each job process re-reads the Snakefile and must see the
+    user's config alone, not the demo's datasets merged back in. Run with
+    --replace-workflow-config, the flag users had to give before: Snakemake does not pass
+    it on to job processes, so it protects only the main process (which
+    tests/test_workflow_user.py checks with and without it)."""
     checkout = make_checkout(tmp_path / "checkout", dense_model, small_config())
     # what a site does: edit the SITE lines of the checkout's own profile
     profile_copy(checkout / "profiles" / "slurm", cluster)
     cmd = ["timeout", "-k", "30", str(RUN_TIMEOUT), sys.executable, "-m", "snakemake"]
-    cmd += ["--profile", "profiles/slurm", "--configfile", USER_CONFIG]
+    cmd += ["--profile", "profiles/slurm", "--replace-workflow-config"]
+    cmd += ["--configfile", USER_CONFIG]
     proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, env=clean_env())
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-8000:]
