@@ -417,7 +417,7 @@ def test_disk_full_during_the_final_write(kit, tiny_fs):
 # --- config schema violations, through snakemake --------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = (sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"))
+SNAKEMAKE = (sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"))
 
 CONFIG_VIOLATIONS = {
     "wrong type": (

@@ -10,13 +10,19 @@ such sites). What is proven, from the scheduler's own records (``scontrol show j
 batch flag, comment naming the rule and wildcards, GPU request, final state) and
 slurmctld's log of batch submissions:
 - every job Snakemake did not run locally went through ``sbatch`` and completed, once;
-- jobs of rules the profile gives a GPU (collect, evaluate) asked Slurm for one and got
-  ``CUDA_VISIBLE_DEVICES`` inside the job; no other job asked for one;
+- collect jobs (``collect.ngl: 1``) asked Slurm for a GPU and got
+  ``CUDA_VISIBLE_DEVICES`` inside the job; no other job asked for one (evaluate runs
+  with ``ngl: 0``);
 - a collect job that fails once (a fault injected through the environment, see
   ``FAULT_HOOK``) is resubmitted by the profile's ``retries`` and then succeeds;
 - every output equals the local run's byte for byte (Snakemake's timing files aside).
 
-Skipped, with the reason, when no SLURM cluster answers ``sinfo``.
+A second test runs the README's command for a config of one's own from a copy of the
+checkout (which has the demo's config/config.yaml): the job processes see the user's
+config alone, and with ``ngl: 0`` no job asks for a GPU.
+
+Skipped, with the reason, when no SLURM cluster answers ``sinfo`` (a failure under
+``CI=true``).
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ import yaml
 # the workflow tests' working directory: tiny model, datasets, config (tests/ is on
 # sys.path: conftest.py puts it there)
 from ci import skip_or_fail
-from test_workflow import make_workdir
+from test_workflow import load_config, make_workdir
+from test_workflow_user import USER_CONFIG, make_checkout, small_config
+
+from imatrix.formats import read_imatrix
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEFILE = ROOT / "Snakefile"
+SNAKEFILE = ROOT / "workflow" / "Snakefile"
 PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
 #: seconds before a hung run is killed (snakemake may ignore SIGTERM, hence timeout -k)
 RUN_TIMEOUT = 1200
@@ -118,6 +127,12 @@ def cluster() -> Cluster:
     m = re.search(r"^SlurmctldLogFile\s*=\s*(\S+)", conf, re.M)
     log = Path(m.group(1)) if m else None
     return Cluster(wanted, has_accounting, log if log and os.access(log, os.R_OK) else None)
+
+
+def gpus_asked(record: dict[str, str]) -> int:
+    """GPUs a job asked Slurm for (``--gpus``/``--gres``), from its scheduler record."""
+    tres = record.get("TresPerJob", "") + "," + record.get("TresPerNode", "")
+    return sum(int(n) for n in re.findall(r"gpu(?::[\w-]+)?:(\d+)", tres))
 
 
 def scheduler_records(workdir: Path) -> list[dict[str, str]]:
@@ -206,12 +221,12 @@ def output_files(workdir: Path) -> dict[str, bytes]:
 def profile_copy(dest: Path, cluster: Cluster) -> dict:
     """profiles/slurm with the partition set (and squeue on a cluster without sacct)."""
     profile = yaml.safe_load(PROFILE.read_text())
-    profile["default-resources"]["slurm_partition"] = cluster.partition
+    profile.setdefault("default-resources", {})["slurm_partition"] = cluster.partition
     for rule_resources in profile.get("set-resources", {}).values():
         rule_resources.pop("slurm_partition", None)
     if not cluster.has_accounting:
         profile["slurm-status-command"] = "squeue"
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return profile
 
@@ -233,14 +248,21 @@ def test_workflow_through_slurm_profile(
 ) -> None:
     env = clean_env()
 
+    # collect offloads a layer, so its jobs ask for a GPU (harmless on a CPU build);
+    # evaluate does not (ngl: 0), so its job must not
+    config = load_config()
+    config["collect"]["ngl"] = 1
+    assert config["evaluate"].get("ngl", 0) == 0
+    gpu_rules = {"collect"}
+
     # 1. the reference: the same config run locally
-    local_dir = make_workdir(tmp_path / "local", dense_model)
+    local_dir = make_workdir(tmp_path / "local", dense_model, config)
     local_log = snakemake(local_dir, "-c2", env=env)
     local_jobs = jobs_of(local_log)
     assert any(j.rule == FAULT_RULE for j in local_jobs.values()), local_log[-3000:]
 
     # 2. the same config through a copy of the profile, one collect job failing once
-    slurm_dir = make_workdir(tmp_path / "slurm", dense_model)
+    slurm_dir = make_workdir(tmp_path / "slurm", dense_model, config)
     profile = profile_copy(tmp_path / "profile", cluster)
     assert profile["executor"] == "slurm" and profile["retries"] >= 1
     hook = tmp_path / "fault-hook"
@@ -293,18 +315,11 @@ def test_workflow_through_slurm_profile(
     fault_logs = list((slurm_dir / ".snakemake" / "slurm_logs").rglob(f"{fault['JobId']}.log"))
     assert len(fault_logs) == 1 and "fault injected" in fault_logs[0].read_text()
 
-    # 4. GPUs: exactly the rules the profile gives a GPU asked Slurm for one ...
-    gpu_rules = {r for r, res in profile["set-resources"].items() if res.get("gpu", 0) > 0}
+    # 4. GPUs: exactly the jobs of rules whose ngl > 0 asked Slurm for one ...
     assert FAULT_RULE in gpu_rules
     for r in records:
         rule = next(j.rule for j in remote if j.comment == r["Comment"])
-        asked = re.search(r"gpu:(\d+)", r.get("TresPerJob", "")) or re.search(
-            r"gpu:(\d+)", r.get("TresPerNode", "")
-        )
-        if rule in gpu_rules:
-            assert asked and int(asked.group(1)) == 1, r
-        else:
-            assert asked is None, r
+        assert gpus_asked(r) == (1 if rule in gpu_rules else 0), r
     # ... and inside the job Slurm's allocation reached the collector
     for j in remote:
         if j.rule == "collect":
@@ -317,3 +332,33 @@ def test_workflow_through_slurm_profile(
     assert sorted(slurm_out) == sorted(local_out)
     differ = [p for p in local_out if local_out[p] != slurm_out[p]]
     assert not differ
+
+
+def test_user_config_through_slurm_profile(
+    cluster: Cluster, tmp_path: Path, dense_model: Path
+) -> None:
+    """The README's command for a config of one's own, from a checkout that has the
+    demo's config/config.yaml: each job process re-reads the Snakefile and must see the
+    user's config alone, not the demo's datasets merged back in. Run with
+    --replace-workflow-config, the flag users had to give before: Snakemake does not pass
+    it on to job processes, so it protects only the main process (which
+    tests/test_workflow_user.py checks with and without it)."""
+    checkout = make_checkout(tmp_path / "checkout", dense_model, small_config())
+    # what a site does: edit the SITE lines of the checkout's own profile
+    profile_copy(checkout / "profiles" / "slurm", cluster)
+    cmd = ["timeout", "-k", "30", str(RUN_TIMEOUT), sys.executable, "-m", "snakemake"]
+    cmd += ["--profile", "profiles/slurm", "--replace-workflow-config"]
+    cmd += ["--configfile", USER_CONFIG]
+    proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, env=clean_env())
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-8000:]
+
+    merged = read_imatrix(checkout / "results/tiny/imatrix.gguf")
+    assert merged.datasets == ["alpha"]
+    records = scheduler_records(checkout)
+    remote = [j for j in jobs_of(log).values() if not j.local]
+    assert {j.rule for j in remote} >= {"collect", "merge", "quantize"}, remote
+    assert Counter(r["Comment"] for r in records) == Counter(j.comment for j in remote)
+    assert all(r["JobState"] == "COMPLETED" for r in records), records
+    # ngl: 0 everywhere: no job asks for a GPU, whatever the profile says about GPUs
+    assert all(gpus_asked(r) == 0 for r in records), records

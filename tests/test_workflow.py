@@ -13,6 +13,7 @@ recollect; bad configs fail before any job; two runs from scratch give identical
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from imatrix.formats import read_imatrix, write_imatrix
 from imatrix.model import combine
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEFILE = ROOT / "Snakefile"
+SNAKEFILE = ROOT / "workflow" / "Snakefile"
 CONFIG = ROOT / "tests" / "workflow_config" / "config.yaml"
 RUN_TIMEOUT = 900
 SNAKEMAKE = (sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE))
@@ -213,12 +214,53 @@ def test_full_dag_runs(run_a: Path) -> None:
     assert set(summary["type"]) == {"F16", "Q4_K_M", "IQ3_XXS"}
 
 
+#: a file Snakemake's report embeds: data:MIME;charset=ENC;filename=NAME;base64,DATA
+_EMBEDDED = re.compile(
+    r"data:[\w/+.-]+;charset=[\w-]+;filename=([^;\"']+);base64,([A-Za-z0-9+/=]+)"
+)
+
+
+def embedded_files(report: Path) -> dict[str, list[bytes]]:
+    """Every file embedded in a Snakemake HTML report, by file name, decoded."""
+    out: dict[str, list[bytes]] = {}
+    for name, data in _EMBEDDED.findall(report.read_text(encoding="utf-8")):
+        out.setdefault(name, []).append(base64.b64decode(data))
+    return out
+
+
 def test_report(run_a: Path, tmp_path: Path) -> None:
+    """The report holds the statistics tables, the evaluation table and every plot,
+    each equal to the file the workflow wrote (not only announced in the log)."""
+    import pandas as pd
+
     report = tmp_path / "report.html"
-    out = snakemake(run_a, "--report", str(report)).stderr
-    assert report.is_file()
-    for name in ("statistics.html", "evaluation.html", "layers_sum_sqact.png"):
-        assert f"Adding {name}" in out
+    snakemake(run_a, "--report", str(report))
+    files = embedded_files(report)
+    results = run_a / f"results/{M}"
+    stats_html = (results / "report/statistics.html").read_bytes()
+    eval_html = (results / "report/evaluation.html").read_bytes()
+    assert files.get("statistics.html") == [stats_html]
+    assert files.get("evaluation.html") == [eval_html]
+    # the tables themselves: every tensor and layer, every evaluated model
+    stats = stats_html.decode()
+    assert "<h2>Layers</h2>" in stats and "<h2>Tensors</h2>" in stats
+    tensors = pd.read_parquet(results / "stats/tensors.parquet")
+    assert stats.count("<tr>") >= len(tensors) + len(
+        pd.read_parquet(results / "stats/layers.parquet")
+    )
+    for name in tensors["name"]:
+        assert f"<td>{name}</td>" in stats, name
+    evaluation = eval_html.decode()
+    assert "<h2>Evaluation against the base model</h2>" in evaluation
+    summary = pd.read_parquet(results / "eval/summary.parquet")
+    assert evaluation.count("<tr>") == len(summary) + 1  # header row + one per model
+    for t in ("F16", "Q4_K_M", "IQ3_XXS"):
+        assert f"<td>{t}</td>" in evaluation, t
+    # every plot, as PNG, byte for byte
+    plots = sorted((results / "stats/plots").glob("*.png"))
+    assert plots
+    for png in plots:
+        assert files.get(png.name) == [png.read_bytes()], png.name
 
 
 def test_merge_equals_unsharded_collection(run_a: Path) -> None:
@@ -277,6 +319,7 @@ def test_config_change_outside_collection_does_not_recollect(run_b: Path) -> Non
     cfg["datasets"]["beta"]["weight"] = 3
     cfg["evaluate"]["chunks"] = 2
     cfg["collect"]["threads"] = 2  # how a shard is computed, not what it holds
+    cfg["collect"]["ngl"] = 1
     cfg["collect"]["output_frequency"] = 5
     (run_b / "changed.yaml").write_text(yaml.safe_dump(cfg))
     counts, out = dry_run(run_b, config="changed.yaml")
@@ -450,7 +493,7 @@ def test_lint_and_format() -> None:
     assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, proc.stderr
     snakefmt = shutil.which("snakefmt") or str(Path(sys.executable).parent / "snakefmt")
     proc = subprocess.run(
-        [snakefmt, "--check", "Snakefile", "workflow"],
+        [snakefmt, "--check", "."],
         cwd=ROOT,
         capture_output=True,
         text=True,

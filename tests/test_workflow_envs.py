@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ENVS = sorted((ROOT / "envs").glob("*.yaml"))
+ENVS = sorted((ROOT / "workflow" / "envs").glob("*.yaml"))
 #: dependencies of the Snakemake process itself, not of the jobs
 DRIVER_ONLY = re.compile(r"^snakemake")
 
@@ -47,7 +47,7 @@ def test_env_pins_agree_with_pyproject(env: Path) -> None:
 
 
 def test_cuda_env_builds_with_cuda() -> None:
-    env = yaml.safe_load((ROOT / "envs" / "cuda.yaml").read_text())
+    env = yaml.safe_load((ROOT / "workflow" / "envs" / "cuda.yaml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     llama = next(s for s in pip if _name(s) == "llama-cpp-python")
     assert "--config-settings=cmake.args=-DGGML_CUDA=on" in llama
@@ -62,4 +62,4 @@ def test_rules_use_the_envs() -> None:
     n_rules = len(re.findall(r"^(?:rule|checkpoint) \w+:", text, re.M))
     assert n_rules == text.count("conda:\n        conda_env(")
     common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
-    assert 'f"../../envs/{build}.yaml"' in common
+    assert 'f"../envs/{build}.yaml"' in common

@@ -1,11 +1,12 @@
-"""The library side of the workflow without Snakemake: sharding, datasets, config checks,
-GPU slots, merging and its provenance checks."""
+"""The library side of the workflow (imatrix.workflow) without Snakemake: sharding,
+datasets, config checks, GPU slots, merging and its provenance checks, resources."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 from pathlib import Path
 
@@ -13,11 +14,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from imatrix import workflow_helpers as wh
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix, write_imatrix
 from imatrix.model import Entry, ImatrixData, Provenance, combine
+from imatrix.workflow import resources
+from imatrix.workflow.config import canonical_quant_types, check_config, types_without_imatrix
+from imatrix.workflow.datasets import load_dataset_text, write_dataset_text
+from imatrix.workflow.gpu import claim_gpu, gpu_slot_count
+from imatrix.workflow.merge import merge_shards
+from imatrix.workflow.shards import dataset_chunks, shard_count, shard_range
+from imatrix.workflow.steps import collect_shard
 
 # --- shards -------------------------------------------------------------------------
 
@@ -28,9 +36,9 @@ def test_shards_partition_the_chunks(n: int, shards: int) -> None:
     if n < shards:
         with pytest.raises(ImatrixError, match="cannot fill"):
             for s in range(shards):
-                wh.shard_range(n, s, shards=shards)
+                shard_range(n, s, shards=shards)
         return
-    ranges = [wh.shard_range(n, s, shards=shards) for s in range(shards)]
+    ranges = [shard_range(n, s, shards=shards) for s in range(shards)]
     covered = [c for a, b in ranges for c in range(a, b)]
     assert covered == list(range(n))
     sizes = [b - a for a, b in ranges]
@@ -39,27 +47,27 @@ def test_shards_partition_the_chunks(n: int, shards: int) -> None:
 
 @pytest.mark.parametrize(("n", "cps"), [(1, 1), (10, 3), (12, 4), (5, 8)])
 def test_chunks_per_shard_partition(n: int, cps: int) -> None:
-    count = wh.shard_count(n, chunks_per_shard=cps)
-    ranges = [wh.shard_range(n, s, chunks_per_shard=cps) for s in range(count)]
+    count = shard_count(n, chunks_per_shard=cps)
+    ranges = [shard_range(n, s, chunks_per_shard=cps) for s in range(count)]
     assert [c for a, b in ranges for c in range(a, b)] == list(range(n))
     assert all(b - a == cps for a, b in ranges[:-1])
     with pytest.raises(ImatrixError, match="does not exist"):
-        wh.shard_range(n, count, chunks_per_shard=cps)
+        shard_range(n, count, chunks_per_shard=cps)
 
 
 def test_shard_errors_name_the_dataset() -> None:
     with pytest.raises(ImatrixError, match=r"dataset 'x'.*2 chunk.*3 shards"):
-        wh.shard_range(2, 2, shards=3, dataset="dataset 'x'")
+        shard_range(2, 2, shards=3, dataset="dataset 'x'")
     with pytest.raises(ImatrixError, match="at least 1"):
-        wh.shard_range(5, 0, shards=0)
+        shard_range(5, 0, shards=0)
 
 
 def test_dataset_chunks_counts_whole_chunks(tmp_path: Path) -> None:
     p = tmp_path / "t.npy"
     np.save(p, np.arange(1000, dtype=np.int32))
-    assert wh.dataset_chunks(p, 128) == 7  # llama-imatrix: tokens / n_ctx
-    assert wh.dataset_chunks(p, 128, 3) == 3
-    assert wh.dataset_chunks(p, 128, 50) == 7
+    assert dataset_chunks(p, 128) == 7  # llama-imatrix: tokens / n_ctx
+    assert dataset_chunks(p, 128, 3) == 3
+    assert dataset_chunks(p, 128, 50) == 7
 
 
 # --- datasets -----------------------------------------------------------------------
@@ -68,27 +76,27 @@ def test_dataset_chunks_counts_whole_chunks(tmp_path: Path) -> None:
 def test_dataset_formats(tmp_path: Path) -> None:
     txt = tmp_path / "a.txt"
     txt.write_text("Hello\nworld\n", encoding="utf-8")
-    assert wh.load_dataset_text(txt) == "Hello\nworld\n"
+    assert load_dataset_text(txt) == "Hello\nworld\n"
 
     jl = tmp_path / "b.jsonl"
     jl.write_text(
         json.dumps({"text": "first", "id": 1}) + "\n\n" + json.dumps({"text": "sécond"}) + "\n",
         encoding="utf-8",
     )
-    assert wh.load_dataset_text(jl) == "first\n\nsécond"
+    assert load_dataset_text(jl) == "first\n\nsécond"
 
     pqf = tmp_path / "c.parquet"
     pq.write_table(pa.table({"body": ["one", "two", "three"], "n": [1, 2, 3]}), pqf)
-    assert wh.load_dataset_text(pqf, text_column="body") == "one\n\ntwo\n\nthree"
+    assert load_dataset_text(pqf, text_column="body") == "one\n\ntwo\n\nthree"
     # an explicit format wins over the extension
     odd = tmp_path / "d.data"
     odd.write_text(json.dumps({"text": "x"}) + "\n", encoding="utf-8")
-    assert wh.load_dataset_text(odd, "jsonl") == "x"
-    assert wh.load_dataset_text(odd) == odd.read_text(encoding="utf-8")
+    assert load_dataset_text(odd, "jsonl") == "x"
+    assert load_dataset_text(odd) == odd.read_text(encoding="utf-8")
 
     out = tmp_path / "out" / "x.txt"
     out.parent.mkdir()
-    wh.write_dataset_text(pqf, out, text_column="body")
+    write_dataset_text(pqf, out, text_column="body")
     assert out.read_bytes() == b"one\n\ntwo\n\nthree"
 
 
@@ -110,24 +118,24 @@ def test_dataset_errors(tmp_path: Path, name: str, content: str, column: str, me
     p = tmp_path / name
     p.write_text(content, encoding="utf-8")
     with pytest.raises(ImatrixError, match=message):
-        wh.load_dataset_text(p, text_column=column)
+        load_dataset_text(p, text_column=column)
 
 
 def test_parquet_errors(tmp_path: Path) -> None:
     p = tmp_path / "x.parquet"
     pq.write_table(pa.table({"n": [1, 2]}), p)
     with pytest.raises(ImatrixError, match=r"no column 'text' \(columns: n\)"):
-        wh.load_dataset_text(p)
+        load_dataset_text(p)
     with pytest.raises(ImatrixError, match="column 'n' is int64, not text"):
-        wh.load_dataset_text(p, text_column="n")
+        load_dataset_text(p, text_column="n")
     bad = tmp_path / "y.parquet"
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(ImatrixError, match="not a Parquet file"):
-        wh.load_dataset_text(bad)
+        load_dataset_text(bad)
     latin = tmp_path / "z.txt"
     latin.write_bytes(b"caf\xe9")
     with pytest.raises(ImatrixError, match="not UTF-8"):
-        wh.load_dataset_text(latin)
+        load_dataset_text(latin)
 
 
 # --- config -------------------------------------------------------------------------
@@ -149,25 +157,25 @@ def _config(tmp_path: Path) -> dict:
 
 def test_check_config(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
-    wh.check_config(cfg)
-    assert wh.canonical_quant_types(cfg["quantize"]["types"]) == ["Q4_K_M", "IQ3_XXS"]
-    assert wh.types_without_imatrix(["Q4_K_M", "IQ3_XXS", "Q2_K"]) == ["Q4_K_M", "Q2_K"]
+    check_config(cfg)
+    assert canonical_quant_types(cfg["quantize"]["types"]) == ["Q4_K_M", "IQ3_XXS"]
+    assert types_without_imatrix(["Q4_K_M", "IQ3_XXS", "Q2_K"]) == ["Q4_K_M", "Q2_K"]
 
     cfg["quantize"]["types"].append("Q9_X")
     with pytest.raises(ImatrixError, match=r"quantize\.types: unknown quantization type 'Q9_X'"):
-        wh.check_config(cfg)
+        check_config(cfg)
     cfg = _config(tmp_path)
     cfg["datasets"]["a"]["path"] = str(tmp_path / "missing.txt")
     with pytest.raises(ImatrixError, match=r"datasets\.a\.path: .*missing\.txt: no such file"):
-        wh.check_config(cfg)
+        check_config(cfg)
     cfg = _config(tmp_path)
     cfg["models"]["m"]["path"] = str(tmp_path)
     with pytest.raises(ImatrixError, match=r"models\.m\.path: .*not a regular file"):
-        wh.check_config(cfg)
+        check_config(cfg)
     cfg = _config(tmp_path)
     cfg["evaluate"]["text"] = "nope.txt"
     with pytest.raises(ImatrixError, match=r"evaluate\.text: nope\.txt: no such file"):
-        wh.check_config(cfg)
+        check_config(cfg)
 
 
 # --- GPU slots ----------------------------------------------------------------------
@@ -175,7 +183,7 @@ def test_check_config(tmp_path: Path) -> None:
 
 def _hold_slot(slot_dir: str, hold: float, queue) -> None:  # runs in a child process
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-    with wh.claim_gpu(2, slot_dir=slot_dir, poll=0.02) as slot:
+    with claim_gpu(2, slot_dir=slot_dir, poll=0.02) as slot:
         queue.put((time.monotonic(), slot, os.environ.get("CUDA_VISIBLE_DEVICES")))
         time.sleep(hold)
 
@@ -209,21 +217,21 @@ def test_gpu_slot_released_when_holder_is_killed(tmp_path: Path) -> None:
     q.get(timeout=60)
     p.kill()
     p.join()
-    with wh.claim_gpu(1, slot_dir=tmp_path, timeout=5) as slot:
+    with claim_gpu(1, slot_dir=tmp_path, timeout=5) as slot:
         assert slot == 0
 
 
 def test_gpu_claim_respects_given_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    with wh.claim_gpu(2, slot_dir=tmp_path) as slot:
+    with claim_gpu(2, slot_dir=tmp_path) as slot:
         assert slot is None and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     assert not list(tmp_path.iterdir())
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    with wh.claim_gpu(0, slot_dir=tmp_path) as slot:
+    with claim_gpu(0, slot_dir=tmp_path) as slot:
         assert slot is None and "CUDA_VISIBLE_DEVICES" not in os.environ
     monkeypatch.setenv("IMATRIX_GPU_SLOTS", "2")
-    assert wh.gpu_slot_count() == 2
-    with wh.claim_gpu(slot_dir=tmp_path) as slot:
+    assert gpu_slot_count() == 2
+    with claim_gpu(slot_dir=tmp_path) as slot:
         assert slot == 0 and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
@@ -264,7 +272,7 @@ def test_merge_equals_combine_and_lists_datasets_once(tmp_path: Path) -> None:
     paths = [_write(tmp_path, f"s{i}.gguf", s) for i, s in enumerate(shards)]
     names = ["a", "a", "a", "b", "b"]
     out = tmp_path / "merged.gguf"
-    wh.merge_shards(paths, names, str(out), weights={"a": 1.0, "b": 2.0})
+    merge_shards(paths, names, str(out), weights={"a": 1.0, "b": 2.0})
     merged = read_imatrix(out)
     assert merged.datasets == ["a", "b"]
     assert merged.provenance.dataset_sha256 == ["a" * 64, "b" * 64]
@@ -294,7 +302,7 @@ def test_merge_refuses_mismatched_shards(tmp_path: Path, change: dict, message: 
     paths = [_write(tmp_path, f"s{i}.gguf", s) for i, s in enumerate([*good, bad])]
     out = tmp_path / "merged.gguf"
     with pytest.raises(ImatrixError, match=message):
-        wh.merge_shards(paths, ["a", "a", "a"], str(out))
+        merge_shards(paths, ["a", "a", "a"], str(out))
     assert not out.exists()
 
 
@@ -304,7 +312,7 @@ def test_merge_refuses_files_without_provenance(tmp_path: Path) -> None:
     s.provenance = Provenance()
     p = _write(tmp_path, "s.gguf", s)
     with pytest.raises(ImatrixError, match="no provenance"):
-        wh.merge_shards([p], ["a"], str(tmp_path / "m.gguf"))
+        merge_shards([p], ["a"], str(tmp_path / "m.gguf"))
 
 
 def test_merge_runs_the_health_check(tmp_path: Path) -> None:
@@ -315,11 +323,11 @@ def test_merge_runs_the_health_check(tmp_path: Path) -> None:
     s.entries["blk.0.ffn_up_exps.weight"].counts[:] = [5.0, 0.0, 7.0]
     p = _write(tmp_path, "s.gguf", s)
     ok = tmp_path / "ok.gguf"
-    wh.merge_shards([p], ["a"], str(ok), health={})
+    merge_shards([p], ["a"], str(ok), health={})
     assert ok.exists()
     out = tmp_path / "m.gguf"
     with pytest.raises(ImatrixError, match=r"health check failed .*never"):
-        wh.merge_shards([p], ["a"], str(out), health={"fail_on": ["dead_experts"]})
+        merge_shards([p], ["a"], str(out), health={"fail_on": ["dead_experts"]})
     assert not out.exists()
 
 
@@ -352,7 +360,7 @@ def test_collect_shard_discards_checkpoint_of_an_older_config(
     )
     out = tmp_path / "shard.gguf"
     code = (
-        "import sys; from imatrix.workflow_helpers import collect_shard; "
+        "import sys; from imatrix.workflow.steps import collect_shard; "
         f"collect_shard(sys.argv[1], sys.argv[2], sys.argv[3], n_ctx=64, **{kw!r})"
     )
     env = {**os.environ, "IMATRIX_FAULT": "collect.checkpointed@2"}
@@ -367,9 +375,71 @@ def test_collect_shard_discards_checkpoint_of_an_older_config(
     assert checkpoint_path(out).is_file() and not out.exists()
 
     with caplog.at_level("WARNING"):
-        wh.collect_shard(str(dense_model), str(tokens), str(out), n_ctx=32, **kw)
+        collect_shard(str(dense_model), str(tokens), str(out), n_ctx=32, **kw)
     assert "different settings" in caplog.text
     assert not checkpoint_path(out).exists()
     fresh = tmp_path / "fresh.gguf"
-    wh.collect_shard(str(dense_model), str(tokens), str(fresh), n_ctx=32, **kw)
+    collect_shard(str(dense_model), str(tokens), str(fresh), n_ctx=32, **kw)
     assert out.read_bytes() == fresh.read_bytes()
+
+
+# --- resources ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+#: what the SLURM profile may set per rule: site settings, never the rules' requests
+SITE_RESOURCES = {
+    "slurm_partition",
+    "slurm_account",
+    "qos",
+    "slurm_extra",
+    "gpu_model",
+    "constraint",
+    "gres",
+}
+
+
+def test_resources_grow_with_the_attempt_except_collect_runtime() -> None:
+    first = resources.mem_mb("collect", 500.0)
+    assert first == 2 * 500 + resources.MEM_OVERHEAD_MB
+    assert resources.mem_mb("collect", 500.0, attempt=2) == 2 * first
+    assert resources.mem_mb("evaluate", 0.0) == 1 + resources.MEM_OVERHEAD_MB
+    # a collect job resumes from its checkpoint: the same time limit on every attempt
+    assert resources.runtime_min("collect", 3) == resources.runtime_min("collect", 1)
+    assert resources.runtime_min("quantize", 2) == 2 * resources.runtime_min("quantize", 1)
+    assert [resources.gpu_count(n) for n in (0, 1, 99)] == [0, 1, 1]
+    with pytest.raises(ImatrixError, match="no resources defined for step 'nope'"):
+        resources.mem_mb("nope", 1.0)
+
+
+def _cluster_rules() -> dict[str, str]:
+    """Rule name -> body of every rule that is not a local rule."""
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "workflow/rules").glob("*.smk")))
+    local = set(re.findall(r"^    (\w+),$", text, re.M))
+    blocks = re.split(r"^(?=(?:rule|checkpoint|use rule) )", text, flags=re.M)
+    rules = {}
+    for block in blocks:
+        m = re.match(r"(?:rule|checkpoint) (\w+):", block)
+        if m and m.group(1) not in local:
+            rules[m.group(1)] = block
+    return rules
+
+
+def test_rules_take_their_resources_from_the_library() -> None:
+    rules = _cluster_rules()
+    assert set(rules) == set(resources.STEPS)
+    for name, body in rules.items():
+        assert f'mem_mb=get_mem_mb("{name}")' in body, name
+        assert f'runtime=get_runtime("{name}")' in body, name
+    for name in ("collect", "evaluate"):
+        assert "gpu=get_gpu(" in rules[name], name
+
+
+def test_slurm_profile_adds_only_site_settings() -> None:
+    profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
+    assert set(profile.get("default-resources") or {}) <= SITE_RESOURCES
+    for rule, res in profile["set-resources"].items():
+        assert set(res) <= SITE_RESOURCES, (rule, res)
+    # the signal ahead of the time limit goes to the collector's job step, not only to
+    # the batch shell (B:), which would leave it KillWait seconds instead
+    extra = profile["set-resources"]["collect"]["slurm_extra"]
+    assert re.fullmatch(r"'--signal=TERM@\d+'", extra), extra

@@ -5,7 +5,7 @@
 
 rule collect:
     input:
-        model=base_model,
+        model=get_base_model,
         tokens="results/{m}/tokens/{d}.npy",
         meta="results/{m}/tokens/{d}.json",
     output:
@@ -18,13 +18,15 @@ rule collect:
         conda_env(gpu=True)
     threads: COLLECT["threads"]
     resources:
-        gpu=gpu_count(COLLECT["ngl"]),
-        mem_mb=model_memory(2),
-        runtime=minutes(120),
+        gpu=get_gpu(COLLECT["ngl"]),
+        mem_mb=get_mem_mb("collect"),
+        runtime=get_runtime("collect"),
     params:
         settings=collect_settings(),
         shards=COLLECT["shards"],
         chunks_per_shard=COLLECT["chunks_per_shard"],
-        chunks=lambda wildcards: config["datasets"][wildcards.d]["chunks"],
+        chunks=get_dataset_chunks,
+        ngl=execution_setting(COLLECT["ngl"]),
+        output_frequency=execution_setting(COLLECT["output_frequency"]),
     script:
         "../scripts/collect.py"

@@ -1,6 +1,6 @@
 # Helpers shared by all rules: config validation, wildcard constraints, input functions
-# and the default target. Everything that needs more than a lookup lives in the library
-# (imatrix.workflow_helpers), where it is tested without Snakemake.
+# (get_*), resources and the default target. Everything that needs more than a lookup
+# lives in the library (imatrix.workflow), where it is tested without Snakemake.
 
 import re
 import sys
@@ -9,23 +9,31 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-# The workflow runs the library of its own checkout, whichever environment runs Snakemake.
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# The workflow runs the library of its own checkout, whichever environment runs Snakemake
+# (workflow.basedir is the directory of workflow/Snakefile).
+sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
-from imatrix import workflow_helpers as wh  # noqa: E402
 from imatrix.errors import ImatrixError  # noqa: E402
+from imatrix.workflow import resources as job_resources  # noqa: E402
+from imatrix.workflow.config import (  # noqa: E402
+    canonical_quant_types,
+    check_config,
+    types_without_imatrix,
+)
+from imatrix.workflow.datasets import dataset_format  # noqa: E402
+from imatrix.workflow.shards import dataset_chunks, shard_count  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 try:
-    wh.check_config(config)
+    check_config(config)
 except ImatrixError as exc:
     raise WorkflowError(f"invalid config: {exc}") from None
 
 MODELS = list(config["models"])
 DATASETS = list(config["datasets"])
-QUANT_TYPES = wh.canonical_quant_types(config["quantize"]["types"])
-QUANT_TYPES_NO_IMATRIX = wh.types_without_imatrix(QUANT_TYPES)
+QUANT_TYPES = canonical_quant_types(config["quantize"]["types"])
+QUANT_TYPES_NO_IMATRIX = types_without_imatrix(QUANT_TYPES)
 COLLECT = config["collect"]
 EVALUATE = config["evaluate"]
 
@@ -46,10 +54,10 @@ def conda_env(gpu=False):
     """Conda environment file of a rule: the configured llama.cpp build for rules that
     may run a model on a GPU (collect, evaluate), the CPU build for everything else."""
     build = config["llama_cpp_build"] if gpu else "cpu"
-    return f"../../envs/{build}.yaml"
+    return f"../envs/{build}.yaml"
 
 
-def base_model(wildcards):
+def get_base_model(wildcards):
     """The model that gets calibrated and quantized: the configured GGUF, or the F16 base
     the workflow makes from a packaged source."""
     model = config["models"][wildcards.m]
@@ -58,15 +66,21 @@ def base_model(wildcards):
     return f"results/{wildcards.m}/base/{wildcards.m}-F16.gguf"
 
 
-def dataset_text(wildcards):
+def get_dataset_path(wildcards):
+    """The dataset file as configured (text, JSONL or Parquet)."""
+    return config["datasets"][wildcards.d]["path"]
+
+
+def get_dataset_text(wildcards):
     """Plain text of a dataset: text files as they are, JSONL/Parquet extracted first."""
     ds = config["datasets"][wildcards.d]
-    if wh.dataset_format(ds["path"], ds["format"]) == "text":
+    if dataset_format(ds["path"], ds["format"]) == "text":
         return ds["path"]
     return f"results/datasets/{wildcards.d}.txt"
 
 
-def dataset_settings(wildcards):
+def get_dataset_settings(wildcards):
+    """How the text of a JSONL/Parquet dataset is extracted."""
     ds = config["datasets"][wildcards.d]
     return {"format": ds["format"], "text_column": ds["text_column"]}
 
@@ -77,8 +91,8 @@ def n_shards(m, d):
     if COLLECT["chunks_per_shard"] is None:
         return COLLECT["shards"]
     tokens = checkpoints.tokenize.get(m=m, d=d).output.tokens
-    return wh.shard_count(
-        wh.dataset_chunks(tokens, COLLECT["n_ctx"], config["datasets"][d]["chunks"]),
+    return shard_count(
+        dataset_chunks(tokens, COLLECT["n_ctx"], config["datasets"][d]["chunks"]),
         chunks_per_shard=COLLECT["chunks_per_shard"],
     )
 
@@ -92,12 +106,18 @@ def model_shards(m):
     ]
 
 
-def shard_files(wildcards):
+def get_dataset_chunks(wildcards):
+    """The configured chunk limit of a dataset (None: all its chunks)."""
+    return config["datasets"][wildcards.d]["chunks"]
+
+
+def get_shard_files(wildcards):
+    """Every partial imatrix the merge of model m combines."""
     return model_shards(wildcards.m)
 
 
-def shard_datasets(wildcards):
-    """The dataset name of each file of shard_files, in the same order."""
+def get_shard_datasets(wildcards):
+    """The dataset name of each file of get_shard_files, in the same order."""
     return [d for d in DATASETS for _ in range(n_shards(wildcards.m, d))]
 
 
@@ -108,6 +128,7 @@ def collect_settings():
 
 
 def quant_files(m):
+    """Every quantized model of model m the config asks for."""
     out = [f"results/{m}/quant/{m}-{t}.gguf" for t in QUANT_TYPES]
     if config["quantize"]["compare_without_imatrix"]:
         out += [
@@ -116,7 +137,18 @@ def quant_files(m):
     return out
 
 
+def get_quant_files(wildcards):
+    """The quantized models the evaluation compares with their base."""
+    return quant_files(wildcards.m)
+
+
+def get_eval_text(wildcards):
+    """The held-out text of the evaluation (the rule is only targeted when one is set)."""
+    return EVALUATE["text"]
+
+
 def imatrix_files(m):
+    """The merged imatrix in every configured format."""
     formats = config["output_formats"]
     out = [f"results/{m}/imatrix.gguf"]
     if "dat" in formats:
@@ -126,7 +158,7 @@ def imatrix_files(m):
     return out
 
 
-def all_targets(wildcards):
+def get_all_targets(wildcards):
     """Everything the config asks for, model by model (the default target).
 
     The shards are targets too: they are kept as the unit of resume, and Snakemake
@@ -150,20 +182,31 @@ def all_targets(wildcards):
     return out
 
 
-def gpu_count(ngl):
-    """Portable GPU request: one device for a job that offloads layers, none otherwise."""
-    return 1 if ngl > 0 else 0
+def execution_setting(value):
+    """A params entry that says how a job runs, not what it produces (`ngl`,
+    `output_frequency`): changing it must not rerun finished jobs. Snakemake leaves params
+    derived from a job's resources out of its params rerun trigger, hence the argument.
+    """
+    return lambda wildcards, resources: value
 
 
-def model_memory(factor):
-    """mem_mb of a job that loads the model: `factor` copies of its inputs plus 1 GiB,
-    growing with each retry (so an out-of-memory kill is retried with more)."""
-    return (
-        lambda wildcards, input, attempt: wh.model_mem_mb(input.size_mb, factor)
-        * attempt
+# Resources: only the portable ones (gpu, mem_mb, runtime, threads), decided by the
+# library (imatrix.workflow.resources) for every executor; partition, account, GPU model
+# and signals are site settings and live in profiles/slurm.
+
+
+def get_gpu(ngl):
+    """GPU request of a job offloading `ngl` layers: one device if any, else none."""
+    return job_resources.gpu_count(ngl)
+
+
+def get_mem_mb(step):
+    """mem_mb of a job of `step`, from the size of its inputs and the attempt."""
+    return lambda wildcards, input, attempt: job_resources.mem_mb(
+        step, input.size_mb, attempt
     )
 
 
-def minutes(n):
-    """runtime of a job: n minutes, growing with each retry."""
-    return lambda wildcards, attempt: n * attempt
+def get_runtime(step):
+    """runtime (minutes) of a job of `step` on its attempt."""
+    return lambda wildcards, attempt: job_resources.runtime_min(step, attempt)

@@ -7,9 +7,9 @@ localrules:
 
 rule evaluate:
     input:
-        base=base_model,
-        quants=lambda wildcards: quant_files(wildcards.m),
-        text=lambda wildcards: EVALUATE["text"],
+        base=get_base_model,
+        quants=get_quant_files,
+        text=get_eval_text,
     output:
         summary="results/{m}/eval/summary.parquet",
     log:
@@ -20,12 +20,13 @@ rule evaluate:
         conda_env(gpu=True)
     threads: EVALUATE["threads"]
     resources:
-        gpu=gpu_count(EVALUATE["ngl"]),
-        mem_mb=model_memory(1),
-        runtime=minutes(60),
+        gpu=get_gpu(EVALUATE["ngl"]),
+        mem_mb=get_mem_mb("evaluate"),
+        runtime=get_runtime("evaluate"),
     params:
         n_ctx=EVALUATE["n_ctx"],
         chunks=EVALUATE["chunks"],
+        ngl=execution_setting(EVALUATE["ngl"]),
     script:
         "../scripts/evaluate.py"
 

@@ -8,7 +8,7 @@ localrules:
 
 rule merge:
     input:
-        shards=shard_files,
+        shards=get_shard_files,
     output:
         imatrix="results/{m}/imatrix.gguf",
     log:
@@ -16,10 +16,10 @@ rule merge:
     conda:
         conda_env()
     resources:
-        mem_mb=4096,
-        runtime=30,
+        mem_mb=get_mem_mb("merge"),
+        runtime=get_runtime("merge"),
     params:
-        datasets=shard_datasets,
+        datasets=get_shard_datasets,
         weights={d: config["datasets"][d]["weight"] for d in DATASETS},
         health=config["health"],
     script:

@@ -31,15 +31,15 @@ rule base_model:
         conda_env()
     threads: config["quantize"]["threads"]
     resources:
-        mem_mb=model_memory(4),
-        runtime=minutes(30),
+        mem_mb=get_mem_mb("base_model"),
+        runtime=get_runtime("base_model"),
     script:
         "../scripts/base_model.py"
 
 
 rule dataset_text:
     input:
-        data=lambda wildcards: config["datasets"][wildcards.d]["path"],
+        data=get_dataset_path,
     output:
         text="results/datasets/{d}.txt",
     log:
@@ -47,15 +47,15 @@ rule dataset_text:
     conda:
         conda_env()
     params:
-        settings=dataset_settings,
+        settings=get_dataset_settings,
     script:
         "../scripts/dataset_text.py"
 
 
 checkpoint tokenize:
     input:
-        model=base_model,
-        text=dataset_text,
+        model=get_base_model,
+        text=get_dataset_text,
     output:
         tokens="results/{m}/tokens/{d}.npy",
         meta="results/{m}/tokens/{d}.json",

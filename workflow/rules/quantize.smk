@@ -4,7 +4,7 @@
 
 rule quantize:
     input:
-        model=base_model,
+        model=get_base_model,
         imatrix="results/{m}/imatrix.gguf",
     output:
         model="results/{m}/quant/{m}-{t}.gguf",
@@ -16,30 +16,21 @@ rule quantize:
         conda_env()
     threads: config["quantize"]["threads"]
     resources:
-        mem_mb=model_memory(2),
-        runtime=minutes(60),
+        mem_mb=get_mem_mb("quantize"),
+        runtime=get_runtime("quantize"),
     params:
         allow_requantize=config["quantize"]["allow_requantize"],
     script:
         "../scripts/quantize.py"
 
 
-rule quantize_noimatrix:
+# The control: the same quantization without the imatrix.
+use rule quantize as quantize_noimatrix with:
     input:
-        model=base_model,
+        model=get_base_model,
     output:
         model="results/{m}/quant/noimatrix/{m}-{t}.gguf",
     log:
         "logs/{m}/quantize/{t}.noimatrix.log",
     benchmark:
         "results/benchmarks/{m}/quantize/{t}.noimatrix.tsv"
-    conda:
-        conda_env()
-    threads: config["quantize"]["threads"]
-    resources:
-        mem_mb=model_memory(2),
-        runtime=minutes(60),
-    params:
-        allow_requantize=config["quantize"]["allow_requantize"],
-    script:
-        "../scripts/quantize.py"

@@ -24,8 +24,8 @@ rule stats:
     conda:
         conda_env()
     resources:
-        mem_mb=4096,
-        runtime=30,
+        mem_mb=get_mem_mb("stats"),
+        runtime=get_runtime("stats"),
     script:
         "../scripts/stats.py"
 

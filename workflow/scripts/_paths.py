@@ -1,7 +1,7 @@
 """Put this checkout's library first on ``sys.path`` (imported first by every script).
 
 Why: under ``--software-deployment-method conda`` a job runs in an environment that has
-the library's dependencies (envs/*.yaml) but not the package itself; and outside conda
+the library's dependencies (workflow/envs/*.yaml) but not the package itself; and outside conda
 the workflow must still run the library of its own checkout, not another installed
 version.
 """

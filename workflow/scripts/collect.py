@@ -4,7 +4,8 @@ from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401
 
-from imatrix.workflow_helpers import collect_shard, job_logging
+from imatrix.workflow.joblog import job_logging
+from imatrix.workflow.steps import collect_shard
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -25,7 +26,7 @@ collect_shard(
     n_ubatch=settings["n_ubatch"],
     process_output=settings["process_output"],
     ppl=settings["ppl"],
-    ngl=snakemake.config["collect"]["ngl"],
+    ngl=snakemake.params.ngl,
     threads=snakemake.threads,
-    output_frequency=snakemake.config["collect"]["output_frequency"],
+    output_frequency=snakemake.params.output_frequency,
 )

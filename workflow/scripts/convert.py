@@ -4,7 +4,8 @@ from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401
 
-from imatrix.workflow_helpers import convert_imatrix, job_logging
+from imatrix.convert import convert_imatrix
+from imatrix.workflow.joblog import job_logging
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake

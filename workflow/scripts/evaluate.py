@@ -4,7 +4,8 @@ from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401
 
-from imatrix.workflow_helpers import evaluate_quants, job_logging
+from imatrix.workflow.joblog import job_logging
+from imatrix.workflow.steps import evaluate_quants
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -18,5 +19,5 @@ evaluate_quants(
     n_ctx=snakemake.params.n_ctx,
     chunks=snakemake.params.chunks,
     threads=snakemake.threads,
-    ngl=snakemake.config["evaluate"]["ngl"],
+    ngl=snakemake.params.ngl,
 )

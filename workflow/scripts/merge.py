@@ -4,7 +4,8 @@ from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401
 
-from imatrix.workflow_helpers import job_logging, merge_shards
+from imatrix.workflow.joblog import job_logging
+from imatrix.workflow.merge import merge_shards
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake

@@ -4,7 +4,8 @@ from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401
 
-from imatrix.workflow_helpers import job_logging, write_html_report
+from imatrix.workflow.joblog import job_logging
+from imatrix.workflow.report import write_html_report
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake

@@ -4,7 +4,8 @@ from typing import TYPE_CHECKING
 
 import _paths  # noqa: F401
 
-from imatrix.workflow_helpers import imatrix_statistics, job_logging
+from imatrix.workflow.joblog import job_logging
+from imatrix.workflow.steps import imatrix_statistics
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 import _paths  # noqa: F401
 
 from imatrix.tokenize import tokenize_file
-from imatrix.workflow_helpers import job_logging
+from imatrix.workflow.joblog import job_logging
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake

@@ -6,12 +6,11 @@ import argparse
 
 from imatrix.cli import add_verbosity
 from imatrix.cli.combine import add_output_options
+from imatrix.convert import convert_imatrix
 from imatrix.errors import ImatrixError
-from imatrix.formats import read_imatrix, write_imatrix
-from imatrix.model import combine
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("convert", help="convert an imatrix between formats")
     p.add_argument("input", metavar="IN", help="imatrix file (GGUF or .dat)")
     add_output_options(p)
@@ -22,10 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.ctx_size is not None and args.ctx_size <= 0:
         raise ImatrixError(f"-c/--ctx-size must be positive, got {args.ctx_size}")
-    data = read_imatrix(args.input, chunk_size=args.ctx_size)
-    # a one-input combine is exactly what llama-imatrix --in-file X -o Y does
-    out = combine([data], chunk_size=args.ctx_size, sources=[args.input])
-    out.provenance = data.provenance
-    out.provenance.chunk_reached = None
-    write_imatrix(out, args.output, output_format=args.output_format, compat=args.compat)
+    convert_imatrix(
+        args.input,
+        args.output,
+        output_format=args.output_format,
+        compat=args.compat,
+        chunk_size=args.ctx_size,
+    )
     return 0

@@ -1,0 +1,64 @@
+"""What the config schema cannot say: files exist, quant types are llama.cpp's.
+
+Run at workflow start-up, after the schema validation, so that a bad config fails
+before any job with one message naming the key at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from imatrix.errors import ImatrixError
+from imatrix.qtypes import QUANT_TYPES, parse_quant_type, requires_imatrix
+
+#: Packaged model sources a config may name instead of a path.
+MODEL_SOURCES = ("gemma-3-270m-q4_k_m",)
+
+
+def canonical_quant_types(types: Sequence[str]) -> list[str]:
+    """llama-quantize's spelling of each configured type, in config order, once each."""
+    out: list[str] = []
+    for t in types:
+        try:
+            canon, _ = parse_quant_type(t)
+        except ImatrixError:
+            raise ImatrixError(
+                f"quantize.types: unknown quantization type '{t}' "
+                f"(llama.cpp knows: {', '.join(QUANT_TYPES)})"
+            ) from None
+        if canon not in out:
+            out.append(canon)
+    return out
+
+
+def types_without_imatrix(types: Sequence[str]) -> list[str]:
+    """The types llama.cpp can also make without an imatrix (for the comparison)."""
+    return [t for t in types if not requires_imatrix(t)]
+
+
+def _need_file(key: str, path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise ImatrixError(f"{key}: {path}: no such file")
+    if not p.is_file():
+        raise ImatrixError(f"{key}: {path}: not a regular file")
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Refuse a config whose files are missing or whose models or types are unknown."""
+    for name, model in config["models"].items():
+        if "path" in model:
+            _need_file(f"models.{name}.path", model["path"])
+        elif model.get("source") not in MODEL_SOURCES:
+            raise ImatrixError(
+                f"models.{name}.source: unknown source '{model.get('source')}' "
+                f"(known: {', '.join(MODEL_SOURCES)})"
+            )
+    for name, ds in config["datasets"].items():
+        _need_file(f"datasets.{name}.path", ds["path"])
+    canonical_quant_types(config["quantize"]["types"])
+    text = config["evaluate"].get("text")
+    if text is not None:
+        _need_file("evaluate.text", text)

@@ -1,0 +1,37 @@
+"""Parquet tables as one HTML page, which Snakemake's report shows inline."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from imatrix.formats import atomic_write
+
+#: Style of the page: compact right-aligned tables.
+STYLE = (
+    "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:12px}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style>"
+)
+
+
+def _html_table(df: Any, title: str) -> str:
+    table: str = df.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.6g}")
+    return f"<h2>{title}</h2>\n" + table
+
+
+def write_html_report(output: str, title: str, tables: Mapping[str, str]) -> Path:
+    """One HTML page with a heading per table, in the order given (title -> Parquet file)."""
+    import pandas as pd
+
+    parts = [
+        "<!DOCTYPE html>",
+        f"<html><head><meta charset='utf-8'><title>{title}</title>",
+        STYLE + "</head><body>",
+        f"<h1>{title}</h1>",
+    ]
+    for name, path in tables.items():
+        parts.append(_html_table(pd.read_parquet(path), name))
+    parts.append("</body></html>")
+    atomic_write(output, "\n".join(parts).encode("utf-8"))
+    return Path(output)
