@@ -489,8 +489,10 @@ class Context:
         init_backend()
         lc = _llama()
         self.model = model
-        self.ptr = None
-        self._tp = None
+        #: ``llama_context *`` (None once closed)
+        self.ptr: int | None = None
+        #: ``ggml_threadpool *`` attached to it, if any
+        self._tp: int | None = None
         cp = lc.llama_context_default_params()
         cp.n_ctx = int(n_ctx)
         cp.n_batch = int(n_batch if n_batch is not None else min(2048, n_ctx))
@@ -507,7 +509,7 @@ class Context:
         if n_outputs_max:  # most logits rows per ubatch: bounds the output and compute buffers
             cp.n_outputs_max = int(n_outputs_max)
         self._cb_error: BaseException | None = None
-        self._cb_c = None
+        self._cb_c: Any = None  # the ctypes callback object: must stay referenced
         if cb_eval is not None:
             self._cb_c = self._c_callback(cb_eval)
             cp.cb_eval = self._cb_c
