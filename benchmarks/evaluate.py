@@ -132,7 +132,10 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--rows", type=int, default=None, help="imatrix evaluate --rows")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each (fastest kept)")
-    ap.add_argument("--llama-bin", help="directory of llama-perplexity (default: build script)")
+    ap.add_argument(
+        "--llama-bin",
+        help="directory of llama-perplexity (default: $IMATRIX_LLAMA_BIN, else the build script)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

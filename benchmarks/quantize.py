@@ -103,7 +103,10 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_K_M,Q6_K,IQ4_XS,Q2_K", help="comma-separated types")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each tool per type (best kept)")
     ap.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all)")
-    ap.add_argument("--llama-bin", help="directory of llama-quantize (default: build script)")
+    ap.add_argument(
+        "--llama-bin",
+        help="directory of llama-quantize (default: $IMATRIX_LLAMA_BIN, else the build script)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
