@@ -245,15 +245,14 @@ def test_report(run_a: Path, tmp_path: Path) -> None:
     stats = stats_html.decode()
     assert "<h2>Layers</h2>" in stats and "<h2>Tensors</h2>" in stats
     tensors = pd.read_parquet(results / "stats/tensors.parquet")
-    assert stats.count("<tr>") >= len(tensors) + len(
-        pd.read_parquet(results / "stats/layers.parquet")
-    )
+    layers = pd.read_parquet(results / "stats/layers.parquet")
+    assert stats.count("</tr>") == len(tensors) + len(layers) + 2  # + two header rows
     for name in tensors["name"]:
         assert f"<td>{name}</td>" in stats, name
     evaluation = eval_html.decode()
     assert "<h2>Evaluation against the base model</h2>" in evaluation
     summary = pd.read_parquet(results / "eval/summary.parquet")
-    assert evaluation.count("<tr>") == len(summary) + 1  # header row + one per model
+    assert evaluation.count("</tr>") == len(summary) + 1  # header row + one per model
     for t in ("F16", "Q4_K_M", "IQ3_XXS"):
         assert f"<td>{t}</td>" in evaluation, t
     # every plot, as PNG, byte for byte
