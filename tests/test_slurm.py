@@ -349,7 +349,14 @@ def test_user_config_through_slurm_profile(
     cmd = ["timeout", "-k", "30", str(RUN_TIMEOUT), sys.executable, "-m", "snakemake"]
     cmd += ["--profile", "profiles/slurm", "--replace-workflow-config"]
     cmd += ["--configfile", USER_CONFIG]
-    proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, env=clean_env())
+    proc = subprocess.run(
+        cmd,
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=RUN_TIMEOUT + 60,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-8000:]
 
