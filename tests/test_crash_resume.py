@@ -31,7 +31,7 @@ from hypothesis import given
 from test_fuzz_readers import FUZZ, _mutations
 
 from imatrix import faults
-from imatrix.collect import KEY_CHECKPOINT_STATE, _load_checkpoint
+from imatrix.collect import KEY_CHECKPOINT_STATE, load_checkpoint
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix
 from imatrix.gguf_io import read_gguf
@@ -518,7 +518,7 @@ def test_mutated_checkpoints_are_rejected_or_read_exactly(sound_checkpoint, tmp_
     good = d / "good.checkpoint"
     good.write_bytes(sound_checkpoint)
     sig = json.loads(read_gguf(good, load_data=False).get(KEY_CHECKPOINT_STATE))["signature"]
-    ref_data, ref_reached, ref_state = _load_checkpoint(good, sig)
+    ref_data, ref_reached, ref_state = load_checkpoint(good, sig)
     n_accepted = [0, 0]
 
     @FUZZ
@@ -528,7 +528,7 @@ def test_mutated_checkpoints_are_rejected_or_read_exactly(sound_checkpoint, tmp_
         p.write_bytes(blob)
         n_accepted[1] += 1
         try:
-            data, reached, state = _load_checkpoint(p, sig)
+            data, reached, state = load_checkpoint(p, sig)
         except ImatrixError:
             return
         n_accepted[0] += 1
