@@ -1,6 +1,6 @@
 """The collector's pieces alone, without a model: chunk plan, settings, checkpoint
 cadence, checkpoint round trip and refusal, resume decision, graph-cut state machine,
-accumulator bookkeeping, job records.
+accumulator bookkeeping, job records, SIGTERM handling.
 
 End-to-end behaviour (and parity with llama-imatrix) is in test_collect_lib.py,
 test_collect.py and test_crash_resume.py.
@@ -9,6 +9,10 @@ test_collect.py and test_crash_resume.py.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from imatrix.collect.checkpoint import (
     StaleCheckpoint,
     checkpoint_due,
     checkpoint_path,
+    exact_sums,
     load_checkpoint,
     start_point,
     write_checkpoint,
@@ -31,6 +36,7 @@ from imatrix.collect.job import prepare_job
 from imatrix.collect.plan import load_token_source, plan_batches, plan_chunks, provenance_for
 from imatrix.collect.settings import CollectSettings
 from imatrix.collect.shared_inputs import SharedInputs
+from imatrix.collect.termination import TERMINATED_EXIT_CODE, Terminated, finish_on_sigterm
 from imatrix.errors import ImatrixError
 from imatrix.model import Entry, ImatrixData, Provenance
 from imatrix.perplexity import Perplexity
@@ -200,6 +206,20 @@ def test_checkpoint_round_trip(tmp_path):
     for n, e in data.entries.items():
         np.testing.assert_array_equal(got.entries[n].values, e.values.astype(np.float32))
         np.testing.assert_array_equal(got.entries[n].counts, e.counts)
+
+
+def test_exact_checkpoint_restores_the_float64_sums(tmp_path):
+    """A checkpoint off the cadence (SIGTERM) carries the unrounded sums."""
+    ck = tmp_path / "o.checkpoint"
+    data = _data()
+    counts = {n: [int(c) for c in e.counts] for n, e in data.entries.items()}
+    write_checkpoint(ck, data, SIG, counts, None, 1, exact_sums(data.entries))
+    got, _, state = load_checkpoint(ck, SIG)
+    assert set(state["exact"]) == set(data.entries)
+    for n, e in data.entries.items():
+        assert not np.array_equal(e.values, e.values.astype(np.float32))  # not float32 values
+        np.testing.assert_array_equal(got.entries[n].values, e.values)
+        np.testing.assert_array_equal(got.entries[n].sums, e.sums)
 
 
 @pytest.mark.parametrize("key", sorted(SIG))
@@ -383,3 +403,51 @@ def test_job_records_base_and_own_datasets(tmp_path):
             provenance=None,
             base=None,
         )
+
+
+# --- SIGTERM -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def default_sigterm():
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_becomes_a_stop_request(default_sigterm):
+    with finish_on_sigterm() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs between two bytecodes of the main thread
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_programs_own_sigterm_handler_is_kept(default_sigterm):
+    def own(_signum, _frame):
+        pass
+
+    signal.signal(signal.SIGTERM, own)
+    with finish_on_sigterm() as stop:
+        assert signal.getsignal(signal.SIGTERM) is own and not stop.requested
+    assert signal.getsignal(signal.SIGTERM) is own
+
+
+def test_no_handler_from_another_thread(default_sigterm):
+    seen = []
+
+    def worker() -> None:
+        with finish_on_sigterm():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [signal.SIG_DFL]
+
+
+def test_terminated_ends_a_process_with_status_143():
+    stop = Terminated(6, Path("o.gguf.checkpoint"))
+    assert isinstance(stop, SystemExit) and stop.code == TERMINATED_EXIT_CODE == 143
+    assert (stop.reached, stop.checkpoint) == (6, Path("o.gguf.checkpoint"))

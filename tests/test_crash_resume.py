@@ -213,26 +213,47 @@ def test_killed_twice(tmp_path, dense_model, calib_text, references):
     assert final_ppl(third.stdout) == final_ppl(ref_stdout)
 
 
-def test_killed_from_outside_at_a_random_moment(tmp_path, dense_model, calib_text, references):
-    """No hook: SIGKILL from another process once the first checkpoint exists."""
-    ref_bytes, _, _ = references["dense", "gguf"]
-    out = tmp_path / "out.gguf"
-    cmd = collect_cmd(dense_model, calib_text, out)
+def signal_when(cmd: list[str], trigger: Path, sig: int) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` (no crash hook) and send it ``sig`` from outside as soon as
+    ``trigger`` exists; the process may have finished before (then it exits 0)."""
     env = {k: v for k, v in os.environ.items() if k != faults.ENV}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not Path(f"{out}.checkpoint").exists() and proc.poll() is None:
-            assert time.monotonic() < deadline
+        while not trigger.exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, f"{trigger} never appeared"
             time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
     finally:
-        proc.wait(timeout=60)
-    assert proc.returncode in (0, -signal.SIGKILL)
-    resumed = run([*cmd, "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert out.read_bytes() == ref_bytes
-    assert leftovers(tmp_path) == ["out.gguf"]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_killed_from_outside_at_a_random_moment(tmp_path, dense_model, calib_text, references):
+    """No hook: SIGKILL from another process once the first checkpoint exists. A run
+    that finishes before the kill lands has tested nothing: it is retried with an
+    earlier kill point (as soon as the output's lock exists, i.e. during start-up),
+    and the test fails if no attempt was killed."""
+    ref_bytes, _, _ = references["dense", "gguf"]
+    for trigger in (".checkpoint", ".lock"):
+        d = tmp_path / trigger.strip(".")
+        d.mkdir()
+        out = d / "out.gguf"
+        cmd = collect_cmd(dense_model, calib_text, out)
+        killed = signal_when(cmd, Path(f"{out}{trigger}"), signal.SIGKILL)
+        if killed.returncode == 0:
+            continue  # finished before the kill: try an earlier moment
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        resumed = run([*cmd, "--resume"])
+        assert resumed.returncode == 0, resumed.stderr
+        assert out.read_bytes() == ref_bytes
+        assert leftovers(d) == ["out.gguf"]
+        return
+    pytest.fail("every run finished before the kill: no kill was tested")
 
 
 def test_resume_with_another_batch_plan_keeps_counts(tmp_path, dense_model, calib_text, references):
@@ -343,6 +364,108 @@ def test_sound_checkpoint_of_other_settings_is_refused(
     assert proc.stderr.strip().splitlines()[-1].startswith("imatrix collect: error: ")
     assert "different settings (last_chunk)" in proc.stderr and "Traceback" not in proc.stderr
     assert ck.read_bytes() == sound_checkpoint and not out.exists()
+
+
+# --- SIGTERM: finish the chunks in flight, checkpoint, exit 143 -----------------------
+
+#: (id, crash hook that freezes the collector, checkpoint chunk expected after SIGTERM)
+SIGTERM_CASES = [
+    # after the first group (chunks 0-1): off the -ofreq cadence, an exact checkpoint
+    ("off-cadence", "collect.chunk@1=stop", 2),
+    # after the group that crosses 3 chunks: the periodic checkpoint at 4 is the one
+    ("on-cadence", "collect.chunk@2=stop", 4),
+    # right after a checkpoint was written (same group): nothing more to write
+    ("after-a-checkpoint", "collect.checkpointed@2=stop", 6),
+]
+
+
+def sigterm_at(cmd: list[str], fault: str) -> subprocess.CompletedProcess[str]:
+    """Freeze the collector at ``fault``, send SIGTERM, let it continue."""
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+    proc = subprocess.Popen(
+        cmd,
+        env={**env, faults.ENV: fault},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _state(proc.pid) == "T", f"the collector to stop at {fault}")
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize(
+    ("case", "fault", "ckpt"), SIGTERM_CASES, ids=[c[0] for c in SIGTERM_CASES]
+)
+def test_sigterm_checkpoints_and_resumes_to_the_same_bytes(
+    kind, case, fault, ckpt, tmp_path, dense_model, moe_model, calib_text, references
+):
+    """SIGTERM (SLURM's warning before a preemption's or time limit's SIGKILL) while a
+    group is decoded: the collector finishes the group, writes its checkpoint, exits
+    143; the previous output is untouched; --resume continues from that chunk and ends
+    byte-identical to an uninterrupted run, with the same perplexity."""
+    ref_bytes, ref_stdout, extra = references[kind, "gguf"]
+    model = dense_model if kind == "dense" else moe_model
+    out = tmp_path / "out.gguf"
+    out.write_bytes(PREVIOUS)
+    cmd = collect_cmd(model, calib_text, out, "--output-format", "gguf", *extra)
+    stopped = sigterm_at(cmd, fault)
+    assert stopped.returncode == 143, stopped.stderr
+    assert f"terminated by SIGTERM after chunk {ckpt}" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert checkpoint_chunk(out) == ckpt
+    assert out.read_bytes() == PREVIOUS
+    assert not Path(f"{out}.lock").exists()
+    resumed = run([*cmd, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {out}.checkpoint at chunk {ckpt}" in resumed.stderr
+    assert out.read_bytes() == ref_bytes
+    assert final_ppl(resumed.stdout) == final_ppl(ref_stdout)
+    assert leftovers(tmp_path) == [out.name]
+
+
+def test_sigterm_in_the_last_group_finishes_the_run(tmp_path, dense_model, calib_text, references):
+    """Nothing left to save for later: the output is written and the exit status is 0."""
+    ref_bytes, ref_stdout, _ = references["dense", "gguf"]
+    out = tmp_path / "out.gguf"
+    cmd = collect_cmd(dense_model, calib_text, out)
+    done = sigterm_at(cmd, "collect.chunk@6=stop")
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == ref_bytes
+    assert final_ppl(done.stdout) == final_ppl(ref_stdout)
+    assert leftovers(tmp_path) == [out.name]
+
+
+def test_sigterm_from_outside_mid_decode(tmp_path, dense_model, calib_text, references):
+    """No hook: SIGTERM from another process when the first checkpoint appears, i.e.
+    while later chunks are being decoded; retried earlier (at start-up) if the run
+    finished first, failed if no attempt was terminated."""
+    ref_bytes, _, _ = references["dense", "gguf"]
+    for trigger in (".checkpoint", ".lock"):
+        d = tmp_path / trigger.strip(".")
+        d.mkdir()
+        out = d / "out.gguf"
+        cmd = collect_cmd(dense_model, calib_text, out)
+        stopped = signal_when(cmd, Path(f"{out}{trigger}"), signal.SIGTERM)
+        if stopped.returncode == 0:
+            continue
+        assert stopped.returncode == 143, stopped.stderr
+        reached = checkpoint_chunk(out)
+        assert reached is not None and 2 <= reached < 12
+        resumed = run([*cmd, "--resume"])
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"at chunk {reached}" in resumed.stderr
+        assert out.read_bytes() == ref_bytes
+        return
+    pytest.fail("every run finished before SIGTERM: nothing was tested")
 
 
 # --- one writer per output --------------------------------------------------------

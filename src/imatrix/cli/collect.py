@@ -5,6 +5,12 @@ tokenize`` instead of ``-f``; ``--compat`` writes llama-imatrix's GGUF layout on
 (the default adds activation sums and provenance); the output is written once at the
 end and intermediate saves go to ``<output>.checkpoint`` (``--resume`` continues from
 it) instead of rewriting the output; ``--in-file`` without ``-f`` needs no ``-m``.
+
+Signals: SIGTERM (what SLURM sends before a preemption's or time limit's SIGKILL)
+finishes the chunks being decoded, writes ``<output>.checkpoint`` and exits with
+status 143, so that Snakemake or a requeued job reruns it and ``--resume`` continues
+to the same bytes. SIGINT (Ctrl-C) stops at once with status 130, keeping the last
+periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -223,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace, loaded: ImatrixData | None, fmt: str, n_ctx: int) -> int:
-    from imatrix.collect import collect
+    from imatrix.collect import Terminated, collect
 
     tokens, prov, dataset = _tokens_and_provenance(args)
     log.info("%d tokens", tokens.size)
@@ -236,16 +242,22 @@ def _collect(args: argparse.Namespace, loaded: ImatrixData | None, fmt: str, n_c
             sys.stdout.flush()
             printed[0] = True
 
-    result = collect(
-        args.model,
-        tokens,
-        args.output,
-        _settings(args, first, n_chunk, n_ctx, fmt),
-        dataset=dataset,
-        provenance=prov,
-        in_data=loaded,
-        on_chunk=on_chunk,
-    )
+    try:
+        result = collect(
+            args.model,
+            tokens,
+            args.output,
+            _settings(args, first, n_chunk, n_ctx, fmt),
+            dataset=dataset,
+            provenance=prov,
+            in_data=loaded,
+            on_chunk=on_chunk,
+        )
+    except Terminated as stop:  # the collector has said where it stopped
+        if printed[0]:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        return int(stop.code or 1)
     if printed[0]:
         sys.stdout.write("\n")
     _report(result)

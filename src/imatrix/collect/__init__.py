@@ -18,6 +18,11 @@
 5. finish: the output is written once, atomically, at the end; then the checkpoint
    goes. Chunk counts in files follow llama.cpp (``max count // chunk size``).
 
+On SIGTERM (SLURM's warning before a preemption's or time limit's SIGKILL) a
+collection that writes an output finishes the group of chunks in flight, writes its
+checkpoint and raises :class:`Terminated`, a ``SystemExit`` with status 143
+(:mod:`.termination`); SIGINT stops at once (``KeyboardInterrupt``).
+
 While it runs, a collection holds ``<output>.lock`` (:mod:`imatrix.writelock`): a
 second collector of the same output (a rerun while an orphaned job still runs) waits
 for it.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +52,12 @@ from imatrix.collect.job import Job, prepare_job
 from imatrix.collect.loop import ChunkCallback, LoopStats, run_chunks
 from imatrix.collect.plan import plan_batches
 from imatrix.collect.settings import CollectResult, CollectSettings
+from imatrix.collect.termination import (
+    TERMINATED_EXIT_CODE,
+    StopRequest,
+    Terminated,
+    finish_on_sigterm,
+)
 from imatrix.formats import (
     FORMAT_DAT,
     FORMAT_GGUF,
@@ -103,7 +115,8 @@ def collect(
             base=in_data,
             compute_ppl=s.compute_ppl,
         )
-        collector, stats = run_chunks(job, start, on_chunk)
+        with finish_on_sigterm() if output is not None else _no_stop() as stop:
+            collector, stats = run_chunks(job, start, on_chunk, stop)
         data = _finish(job, collector, stats)
         _log_perplexity(start.ppl, quiet=on_chunk is not None)
         return CollectResult(
@@ -120,6 +133,12 @@ def collect(
             resumed_from=start.resumed_from,
             outputs=stats.outputs,
         )
+
+
+@contextlib.contextmanager
+def _no_stop() -> Iterator[StopRequest]:
+    """Without an output there is nothing to save: SIGTERM keeps its default action."""
+    yield StopRequest()
 
 
 def _remove_temporaries(job: Job) -> None:
@@ -157,11 +176,13 @@ __all__ = [
     "FORMAT_DAT",
     "FORMAT_GGUF",
     "KEY_CHECKPOINT_STATE",
+    "TERMINATED_EXIT_CODE",
     "CollectResult",
     "CollectSettings",
     "Collector",
     "CorruptCheckpoint",
     "StaleCheckpoint",
+    "Terminated",
     "checkpoint_path",
     "collect",
     "load_checkpoint",

@@ -7,10 +7,17 @@ carries a sha256 of everything a resume takes from it, so a truncated or damaged
 is ignored with a warning (the run starts over), never trusted; a sound one made with
 other settings is refused (:class:`StaleCheckpoint`): resuming from it would silently
 mix two different computations.
+
+A checkpoint off the ``output_frequency`` cadence (one written on SIGTERM, see
+:mod:`.termination`) is *exact*: the running sums have not been rounded to float32 at
+that chunk, so its state also carries them in float64 (``exact``, base64 of the
+little-endian bytes), and a run resumed from it continues from the very state the
+uninterrupted run had there.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -106,6 +113,25 @@ def checkpoint_digest(data: ImatrixData, state: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f8").tobytes()).decode("ascii")
+
+
+def _from_b64(text: str, size: int, what: str) -> np.ndarray:
+    arr = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f8")
+    if arr.size != size:
+        raise CorruptCheckpoint(f"{what}: {arr.size} exact sums for {size} values")
+    return arr.astype(np.float64)
+
+
+def exact_sums(entries: dict[str, Entry]) -> dict[str, dict[str, str | None]]:
+    """The float64 sums of ``entries``, for an exact checkpoint's state."""
+    return {
+        n: {"values": _b64(e.values), "sums": None if e.sums is None else _b64(e.sums)}
+        for n, e in entries.items()
+    }
+
+
 def write_checkpoint(
     path: Path,
     data: ImatrixData,
@@ -113,13 +139,17 @@ def write_checkpoint(
     counts: dict[str, list[int]],
     ppl: Perplexity | None,
     verbosity: int,
+    exact: dict[str, dict[str, str | None]] | None = None,
 ) -> None:
-    """Write ``data`` (with ``chunk_reached`` set) and its state atomically to ``path``."""
+    """Write ``data`` (with ``chunk_reached`` set) and its state atomically to ``path``
+    (``exact``: :func:`exact_sums` of the running sums, for a checkpoint off the cadence)."""
     state: dict[str, Any] = {
         "signature": sig,
         "counts": counts,
         "ppl": None if ppl is None else ppl.state(),
     }
+    if exact is not None:
+        state["exact"] = exact
     state["sha256"] = checkpoint_digest(data, state)
     payload = to_gguf_bytes(
         data, extra={KEY_CHECKPOINT_STATE: json.dumps(state, separators=(",", ":"))}
@@ -179,7 +209,20 @@ def load_checkpoint(path: Path, sig: Signature) -> tuple[ImatrixData, int, dict[
     for name, counts in state.get("counts", {}).items():
         if name in data.entries:
             data.entries[name].counts = np.asarray(counts, dtype=np.float64)
+    _restore_exact(data, state.get("exact") or {}, path)
     return data, reached, state
+
+
+def _restore_exact(data: ImatrixData, exact: dict[str, Any], path: Path) -> None:
+    """Put an exact checkpoint's float64 sums in place of the file's float32 ones."""
+    try:
+        for name, sums in exact.items():
+            e = data.entries[name]
+            e.values = _from_b64(sums["values"], e.values.size, f"{path}: '{name}'")
+            if sums["sums"] is not None and e.sums is not None:
+                e.sums = _from_b64(sums["sums"], e.sums.size, f"{path}: '{name}'")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpoint(f"ignoring {path}: corrupt exact sums ({exc})") from exc
 
 
 @dataclass
@@ -237,6 +280,7 @@ __all__ = [
     "checkpoint_digest",
     "checkpoint_due",
     "checkpoint_path",
+    "exact_sums",
     "load_checkpoint",
     "signature",
     "start_point",

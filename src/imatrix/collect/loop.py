@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from imatrix import faults
-from imatrix.collect.checkpoint import StartPoint, checkpoint_due, write_checkpoint
+from imatrix.collect.checkpoint import StartPoint, checkpoint_due, exact_sums, write_checkpoint
 from imatrix.collect.collector import MIN_ROWS, Collector
 from imatrix.collect.job import Job
 from imatrix.collect.plan import BatchSpec
 from imatrix.collect.settings import CollectSettings
+from imatrix.collect.termination import StopRequest, Terminated
 from imatrix.errors import ImatrixError
 from imatrix.formats import write_imatrix
 from imatrix.llama_api import (
@@ -76,9 +77,10 @@ def thread_plan(settings: CollectSettings) -> ThreadPlan:
 
 
 def run_chunks(
-    job: Job, start: StartPoint, on_chunk: ChunkCallback | None
+    job: Job, start: StartPoint, on_chunk: ChunkCallback | None, stop: StopRequest
 ) -> tuple[Collector, LoopStats]:
-    """Load the model, decode chunks ``[start.chunk, last)`` into a collector."""
+    """Load the model, decode chunks ``[start.chunk, last)`` into a collector; on a
+    ``stop`` request, checkpoint after the group in flight and raise :class:`Terminated`."""
     s = job.settings
     threads = thread_plan(s)
     pool = ThreadPoolExecutor(threads.n_threads - 1) if threads.n_threads > 1 else None
@@ -109,7 +111,7 @@ def run_chunks(
             n_threads=threads.n_threads,
             cb_eval=collector,
         ) as ctx:
-            loop = ChunkLoop(job, ctx, collector, start.ppl, pool, threads.n_threads)
+            loop = ChunkLoop(job, ctx, collector, start.ppl, pool, threads.n_threads, stop)
             loop.run(m, start.chunk, on_chunk)
     return collector, loop.stats
 
@@ -125,8 +127,10 @@ class ChunkLoop:
         ppl: Perplexity | None,
         pool: ThreadPoolExecutor | None,
         n_threads: int,
+        stop: StopRequest | None = None,
     ) -> None:
         self.job = job
+        self.stop = stop or StopRequest()
         self.ctx = ctx
         self.collector = collector
         self.ppl = ppl
@@ -250,7 +254,7 @@ class ChunkLoop:
         self, g0: int, n: int, nll: list[list[np.ndarray]], on_chunk: ChunkCallback | None
     ) -> None:
         """Add the group's perplexity and count it, then write what is due: a
-        checkpoint, a snapshot."""
+        checkpoint, a snapshot; stop here if asked to (SIGTERM)."""
         for s in range(n):
             running = None if self.ppl is None else self.ppl.add_chunk(np.concatenate(nll[s]))
             if on_chunk is not None:
@@ -262,13 +266,26 @@ class ChunkLoop:
             self._bar.update(n * n_ctx)
         if self.job.output is None:
             return
-        plan = self.job.plan
+        plan, reached = self.job.plan, g0 + n
         freq = self.job.settings.output_frequency
-        if checkpoint_due(g0, g0 + n, first=plan.first, last=plan.last, frequency=freq):
-            self.write_checkpoint(g0 + n)
+        due = checkpoint_due(g0, reached, first=plan.first, last=plan.last, frequency=freq)
+        if due:
+            self.write_checkpoint(reached)
         self.save_snapshot_if_due()
+        if self.stop.requested and reached < plan.last:
+            if not due:  # off the cadence: the sums are not rounded here, save them exactly
+                self.write_checkpoint(reached, exact=True)
+            log.warning(
+                "terminated by SIGTERM after chunk %d; checkpoint in %s; rerun with "
+                "--resume to continue",
+                reached,
+                self.job.checkpoint,
+            )
+            raise Terminated(reached, self.job.checkpoint)
 
-    def write_checkpoint(self, reached: int) -> None:
+    def write_checkpoint(self, reached: int, *, exact: bool = False) -> None:
+        """A periodic checkpoint rounds the running sums to the file's float32 (the
+        uninterrupted run does the same at that chunk); an exact one carries them."""
         ckpt = self.job.checkpoint
         assert ckpt is not None
         write_checkpoint(
@@ -278,8 +295,10 @@ class ChunkLoop:
             self.collector.acc.exact_counts(),
             self.ppl,
             self.job.settings.verbosity,
+            exact_sums(self.collector.acc.entries) if exact else None,
         )
-        self.collector.round_to_float32()
+        if not exact:
+            self.collector.round_to_float32()
         faults.point("collect.checkpointed")
 
     def save_snapshot_if_due(self) -> None:
