@@ -28,6 +28,7 @@ from imatrix.collect.checkpoint import (
     checkpoint_path,
     exact_sums,
     load_checkpoint,
+    signature,
     start_point,
     write_checkpoint,
 )
@@ -40,6 +41,7 @@ from imatrix.collect.termination import TERMINATED_EXIT_CODE, Terminated, finish
 from imatrix.errors import ImatrixError
 from imatrix.model import Entry, ImatrixData, Provenance
 from imatrix.perplexity import Perplexity
+from imatrix.tokenize import tokens_sha256
 
 # --- plan ------------------------------------------------------------------------
 
@@ -229,6 +231,31 @@ def test_checkpoint_of_other_settings_is_stale(tmp_path, key):
     other = {**SIG, key: ["changed"]}
     with pytest.raises(StaleCheckpoint, match=rf"different settings \({key}\)"):
         load_checkpoint(ck, other)
+
+
+def test_signature_names_the_in_file_data():
+    """Two --in-file inputs of the same datasets but other sums sign differently; no
+    --in-file adds no key (checkpoints made before the key existed stay valid)."""
+    toks = np.arange(10, dtype=np.int32)
+    kw = dict(model_sha=None, tokens=toks, n_ctx=8, first=0, last=1, dataset=None)
+    a, b = _data(), _data()
+    b.entries["blk.0.attn_q.weight"].values = b.entries["blk.0.attn_q.weight"].values * 2
+    sa = signature(process_output=False, base=a, **kw)
+    sb = signature(process_output=False, base=b, **kw)
+    plain = signature(process_output=False, base=None, **kw)
+    assert sa["base_datasets"] == sb["base_datasets"] == ["d.txt"]
+    assert sa["base_sha256"] != sb["base_sha256"]
+    assert "base_sha256" not in plain and plain["base_datasets"] == []
+    assert sa["tokens_sha256"] == tokens_sha256(toks)
+
+
+def test_a_checkpoint_with_a_key_we_lack_is_stale(tmp_path):
+    """Settings are compared both ways: a checkpoint made with --in-file is refused by a
+    run without one even if nothing else differs."""
+    ck = tmp_path / "o.checkpoint"
+    _write(ck, sig={**SIG, "base_sha256": "c" * 64})
+    with pytest.raises(StaleCheckpoint, match=r"different settings \(base_sha256\)"):
+        load_checkpoint(ck, SIG)
 
 
 def test_checkpoint_outside_the_range_is_stale(tmp_path):

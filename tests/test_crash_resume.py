@@ -33,7 +33,7 @@ from test_fuzz_readers import FUZZ, _mutations
 from imatrix import faults
 from imatrix.collect import KEY_CHECKPOINT_STATE, load_checkpoint
 from imatrix.errors import ImatrixError
-from imatrix.formats import read_imatrix
+from imatrix.formats import read_imatrix, write_imatrix
 from imatrix.gguf_io import read_gguf
 
 pytestmark = pytest.mark.timeout(600)
@@ -364,6 +364,63 @@ def test_sound_checkpoint_of_other_settings_is_refused(
     assert proc.stderr.strip().splitlines()[-1].startswith("imatrix collect: error: ")
     assert "different settings (last_chunk)" in proc.stderr and "Traceback" not in proc.stderr
     assert ck.read_bytes() == sound_checkpoint and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def other_inputs(tmp_path_factory, calib_text, references):
+    """Another text (one word changed) and two imatrices with the same datasets but
+    different sums (for --in-file)."""
+    d = tmp_path_factory.mktemp("other")
+    text = d / "other.txt"
+    words = calib_text.read_text(encoding="utf-8").split(" ")
+    text.write_text(" ".join(["changed", *words[1:]]), encoding="utf-8")
+    a, b = d / "a.gguf", d / "b.gguf"
+    a.write_bytes(references["dense", "gguf"][0])
+    data = read_imatrix(a)
+    for e in data.entries.values():
+        e.values = e.values * 2
+    write_imatrix(data, b)
+    assert read_imatrix(b).datasets == read_imatrix(a).datasets
+    return {"text": text, "a": a, "b": b}
+
+
+#: (setting the README lists, how the rerun differs, the signature keys it changes)
+OTHER_SETTINGS = {
+    "model": (lambda k: ["-m", str(k["moe"])], "model_sha256"),
+    "text": (lambda k: ["-f", str(k["text"])], "tokens_sha256"),
+    "ctx-size": (lambda k: ["-c", "64"], "n_ctx"),
+    "chunk-range-last": (lambda k: ["--chunks", "11"], "last_chunk"),
+    "chunk-range-first": (lambda k: ["--chunk", "1"], "first_chunk"),
+    "process-output": (lambda k: ["--process-output"], "process_output"),
+    "in-file-added": (lambda k: ["--in-file", str(k["a"])], "base_datasets"),
+    "in-file-other-same-datasets": (lambda k: ["--in-file", str(k["b"])], "base_sha256"),
+}
+
+
+@pytest.mark.parametrize("setting", list(OTHER_SETTINGS))
+def test_checkpoint_of_each_other_setting_is_refused(
+    setting, tmp_path, dense_model, moe_model, calib_text, other_inputs
+):
+    """For each setting the README lists (model, text, -c, chunk range,
+    --process-output, --in-file), a sound checkpoint made without that change is
+    refused by --resume: exit 1, one line naming the setting, the checkpoint kept. The
+    last case resumes with another --in-file of the same datasets (only its sums
+    differ) than the checkpoint was made with."""
+    change, key = OTHER_SETTINGS[setting]
+    out = tmp_path / "out.gguf"
+    base = ["--in-file", str(other_inputs["a"])] if setting.startswith("in-file-other") else []
+    made = run(collect_cmd(dense_model, calib_text, out, *base), "collect.checkpointed@1")
+    assert made.returncode == -signal.SIGKILL, made.stderr
+    ck = Path(f"{out}.checkpoint")
+    sound = ck.read_bytes()
+    extra = change({**other_inputs, "moe": moe_model})
+    proc = run([*collect_cmd(dense_model, calib_text, out), *extra, "--resume"])
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("imatrix collect: error: ") and "Traceback" not in proc.stderr
+    listed = last.split("different settings (", 1)[1].split(")", 1)[0].split(", ")
+    assert key in listed, last
+    assert ck.read_bytes() == sound and not out.exists()
 
 
 # --- SIGTERM: finish the chunks in flight, checkpoint, exit 143 -----------------------

@@ -33,6 +33,7 @@ from imatrix.formats import atomic_write, read_imatrix, to_gguf_bytes
 from imatrix.gguf_io import read_gguf
 from imatrix.model import Entry, ImatrixData
 from imatrix.perplexity import Perplexity
+from imatrix.tokenize import tokens_sha256
 
 log = logging.getLogger(__package__)  # one logger name for the whole collector
 
@@ -66,19 +67,41 @@ def signature(
     last: int,
     dataset: str | None,
     process_output: bool,
-    base_datasets: list[str],
+    base: ImatrixData | None,
 ) -> Signature:
-    """The settings a checkpoint must have been made with to be resumed from."""
-    return {
+    """The settings a checkpoint must have been made with to be resumed from: the
+    model, the tokens and the name recorded for them, ``-c``, the chunk range,
+    ``--process-output``, and the ``--in-file`` data (its datasets, and with one its
+    sums: two inputs of the same datasets may hold different data)."""
+    sig: Signature = {
         "model_sha256": model_sha,
-        "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+        "tokens_sha256": tokens_sha256(tokens),
         "n_ctx": n_ctx,
         "first_chunk": first,
         "last_chunk": last,
         "dataset": dataset,
         "process_output": process_output,
-        "base_datasets": base_datasets,
+        "base_datasets": list(base.datasets) if base is not None else [],
     }
+    if base is not None:  # absent without one: older checkpoints stay valid
+        sig["base_sha256"] = _data_digest(base)
+    return sig
+
+
+def _hash_entries(h: Any, entries: dict[str, Entry], dtype: str) -> None:
+    for name in sorted(entries):
+        e = entries[name]
+        h.update(name.encode("utf-8") + b"\0")
+        for arr in (e.values, e.counts, e.sums):
+            if arr is not None:
+                h.update(np.ascontiguousarray(arr, dtype=dtype).tobytes())
+
+
+def _data_digest(data: ImatrixData) -> str:
+    """sha256 of an imatrix's datasets and float64 sums and counts."""
+    h = hashlib.sha256(json.dumps(list(data.datasets)).encode())
+    _hash_entries(h, data.entries, "<f8")
+    return h.hexdigest()
 
 
 def checkpoint_due(g0: int, reached: int, *, first: int, last: int, frequency: int) -> bool:
@@ -104,12 +127,7 @@ def checkpoint_digest(data: ImatrixData, state: dict[str, Any]) -> str:
         "datasets": list(data.datasets),
     }
     h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
-    for name in sorted(data.entries):
-        e = data.entries[name]
-        h.update(name.encode("utf-8") + b"\0")
-        for arr in (e.values, e.counts, e.sums):
-            if arr is not None:
-                h.update(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+    _hash_entries(h, data.entries, "<f4")
     return h.hexdigest()
 
 
@@ -195,7 +213,7 @@ def load_checkpoint(path: Path, sig: Signature) -> tuple[ImatrixData, int, dict[
     :class:`StaleCheckpoint` for a sound checkpoint of other settings."""
     data, state = _read_state(path)
     theirs = state.get("signature", {})
-    diff = sorted(k for k in sig if theirs.get(k) != sig[k])
+    diff = sorted(k for k in {*sig, *theirs} if theirs.get(k) != sig.get(k))
     if diff:
         raise StaleCheckpoint(
             f"{path}: checkpoint was made with different settings ({', '.join(diff)}); "

@@ -81,7 +81,7 @@ def prepare_job(
         last=plan.last,
         dataset=source.dataset,
         process_output=settings.process_output,
-        base_datasets=list(base.datasets) if base is not None else [],
+        base=base,
     )
     return Job(model, plan, settings, source.dataset, prov, base, output, sig)
 
