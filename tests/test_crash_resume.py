@@ -489,12 +489,16 @@ def test_sigterm_checkpoints_and_resumes_to_the_same_bytes(
     assert leftovers(tmp_path) == [out.name]
 
 
-def test_sigterm_in_the_last_group_finishes_the_run(tmp_path, dense_model, calib_text, references):
-    """Nothing left to save for later: the output is written and the exit status is 0."""
+@pytest.mark.parametrize("fault", ["collect.chunk@6=stop", "write.partial:out.gguf=stop"])
+def test_sigterm_in_the_last_group_finishes_the_run(
+    fault, tmp_path, dense_model, calib_text, references
+):
+    """In the last group or while the output is written, nothing is left to save for
+    later: the output is completed and the exit status is 0."""
     ref_bytes, ref_stdout, _ = references["dense", "gguf"]
     out = tmp_path / "out.gguf"
     cmd = collect_cmd(dense_model, calib_text, out)
-    done = sigterm_at(cmd, "collect.chunk@6=stop")
+    done = sigterm_at(cmd, fault)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == ref_bytes
     assert final_ppl(done.stdout) == final_ppl(ref_stdout)

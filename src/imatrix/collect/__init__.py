@@ -115,9 +115,10 @@ def collect(
             base=in_data,
             compute_ppl=s.compute_ppl,
         )
+        # held through the final write too: a SIGTERM then lets the finished run complete
         with finish_on_sigterm() if output is not None else _no_stop() as stop:
             collector, stats = run_chunks(job, start, on_chunk, stop)
-        data = _finish(job, collector, stats)
+            data = _finish(job, collector, stats)
         _log_perplexity(start.ppl, quiet=on_chunk is not None)
         return CollectResult(
             data=data,
