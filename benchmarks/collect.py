@@ -153,13 +153,9 @@ def run_llama(
 def run_ours(
     model: Path, tokens: np.ndarray, args: argparse.Namespace, ppl: bool, out: Path
 ) -> Timing:
-    from imatrix.collect import collect
+    from imatrix.collect import CollectSettings, collect
 
-    t0 = time.perf_counter()
-    r = collect(
-        model,
-        tokens,
-        out,
+    settings = CollectSettings(
         last_chunk=args.chunks,
         n_ctx=args.ctx_size,
         n_batch=args.batch_size,
@@ -167,8 +163,9 @@ def run_ours(
         n_gpu_layers=args.ngl,
         compute_ppl=ppl,
         progress=False,
-        dataset="bench",
     )
+    t0 = time.perf_counter()
+    r = collect(model, tokens, out, settings, dataset="bench")
     wall = time.perf_counter() - t0
     return Timing(
         "imatrix collect" + ("" if ppl else " --no-ppl"),

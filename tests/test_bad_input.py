@@ -37,7 +37,7 @@ from llamatools import llama_imatrix
 from tinymodels import DENSE, TinySpec, write_tiny_model
 
 from imatrix import faults
-from imatrix.collect import collect
+from imatrix.collect import CollectSettings, collect
 from imatrix.formats import read_imatrix, write_imatrix
 from imatrix.tokenize import tokenize_file
 
@@ -91,7 +91,12 @@ def kit(tmp_path_factory, dense_model, moe_model, calib_text) -> Kit:
         toks = d / f"{name}.npy"
         tokenize_file(model, calib, toks)
         out = d / f"{name}.gguf"
-        collect(model, toks, out, n_ctx=128, last_chunk=4, compute_ppl=False, progress=False)
+        collect(
+            model,
+            toks,
+            out,
+            CollectSettings(n_ctx=128, last_chunk=4, compute_ppl=False, progress=False),
+        )
         return out
 
     im = imatrix_of(dense_model, "im")

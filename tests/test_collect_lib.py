@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from imatrix import ggml
-from imatrix.collect import checkpoint_path, collect
+from imatrix.collect import CollectSettings, checkpoint_path, collect
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix
 from imatrix.llama_api import load_model
@@ -38,8 +38,8 @@ def test_early_stop_gives_identical_data(tiny_model, tokens, n_batch):
     """Cutting graphs after the last needed tensor changes nothing (several sequences per
     batch, and one sequence in two decodes per chunk)."""
     kw = dict(n_ctx=128, n_batch=n_batch, last_chunk=8, compute_ppl=False, threads=2)
-    cut = collect(tiny_model, tokens, **kw)
-    full = collect(tiny_model, tokens, stop_early=False, **kw)
+    cut = collect(tiny_model, tokens, None, CollectSettings(**kw))
+    full = collect(tiny_model, tokens, None, CollectSettings(stop_early=False, **kw))
     assert cut.stopped_early and not full.stopped_early
     _same_entries(cut.data, full.data)
 
@@ -47,8 +47,8 @@ def test_early_stop_gives_identical_data(tiny_model, tokens, n_batch):
 def test_gpu_layers_path_gives_identical_data(tiny_model, tokens):
     """-ngl goes through the same callback (on a CPU-only build it offloads nothing)."""
     kw = dict(n_ctx=128, n_batch=256, last_chunk=4, compute_ppl=False, threads=2)
-    a = collect(tiny_model, tokens, n_gpu_layers=99, **kw)
-    b = collect(tiny_model, tokens, n_gpu_layers=0, stop_early=False, **kw)
+    a = collect(tiny_model, tokens, None, CollectSettings(n_gpu_layers=99, **kw))
+    b = collect(tiny_model, tokens, None, CollectSettings(n_gpu_layers=0, stop_early=False, **kw))
     _same_entries(a.data, b.data)
 
 
@@ -56,8 +56,12 @@ def test_perplexity_or_output_disable_the_early_stop(dense_model, calib_text, tm
     toks = tmp_path / "t.npy"
     tokenize_file(dense_model, calib_text, toks)
     kw = dict(n_ctx=128, last_chunk=2, threads=2)
-    assert not collect(dense_model, toks, compute_ppl=True, **kw).stopped_early
-    r = collect(dense_model, toks, compute_ppl=False, process_output=True, **kw)
+    assert not collect(
+        dense_model, toks, None, CollectSettings(compute_ppl=True, **kw)
+    ).stopped_early
+    r = collect(
+        dense_model, toks, None, CollectSettings(compute_ppl=False, process_output=True, **kw)
+    )
     assert not r.stopped_early
     assert "output.weight" in r.data.entries
 
@@ -70,7 +74,10 @@ def test_first_layer_sums_match_numpy(dense_model, calib_text, tmp_path):
     tokenize_file(dense_model, calib_text, toks)
     n_ctx, first, last = 128, 2, 7
     res = collect(
-        dense_model, toks, n_ctx=n_ctx, first_chunk=first, last_chunk=last, compute_ppl=False
+        dense_model,
+        toks,
+        None,
+        CollectSettings(n_ctx=n_ctx, first_chunk=first, last_chunk=last, compute_ppl=False),
     )
     r = gguf.GGUFReader(dense_model)
     w = {t.name: np.asarray(t.data) for t in r.tensors}
@@ -89,7 +96,9 @@ def test_first_layer_sums_match_numpy(dense_model, calib_text, tmp_path):
 def test_moe_counts_cover_every_routed_token(moe_model, calib_text, tmp_path):
     toks = tmp_path / "t.npy"
     tokenize_file(moe_model, calib_text, toks)
-    res = collect(moe_model, toks, n_ctx=128, last_chunk=5, compute_ppl=False)
+    res = collect(
+        moe_model, toks, None, CollectSettings(n_ctx=128, last_chunk=5, compute_ppl=False)
+    )
     for name, e in res.data.entries.items():
         if "_exps" in name:
             assert e.n_counts == 4
@@ -113,10 +122,9 @@ def test_resume_equals_uninterrupted_run(tiny_model, tokens, tmp_path, ppl):
         output_frequency=4,
         compute_ppl=ppl,
         threads=2,
-        dataset="calib",
     )
     whole = tmp_path / "whole.gguf"
-    ref = collect(tiny_model, tokens, whole, **kw)
+    ref = collect(tiny_model, tokens, whole, CollectSettings(**kw), dataset="calib")
     assert not checkpoint_path(whole).exists()
 
     out = tmp_path / "out.gguf"
@@ -126,7 +134,7 @@ def test_resume_equals_uninterrupted_run(tiny_model, tokens, tmp_path, ppl):
             raise _Stop
 
     with pytest.raises(_Stop):
-        collect(tiny_model, tokens, out, on_chunk=interrupt, **kw)
+        collect(tiny_model, tokens, out, CollectSettings(**kw), dataset="calib", on_chunk=interrupt)
     ck = checkpoint_path(out)
     assert ck.exists() and not out.exists()
     partial = read_imatrix(ck)
@@ -134,7 +142,14 @@ def test_resume_equals_uninterrupted_run(tiny_model, tokens, tmp_path, ppl):
     assert partial.chunk_count == 8
 
     seen: list[int] = []
-    res = collect(tiny_model, tokens, out, resume=True, on_chunk=lambda k, p: seen.append(k), **kw)
+    res = collect(
+        tiny_model,
+        tokens,
+        out,
+        CollectSettings(resume=True, **kw),
+        dataset="calib",
+        on_chunk=lambda k, p: seen.append(k),
+    )
     assert res.resumed_from == 9 and seen == [9, 10, 11, 12]
     assert out.read_bytes() == whole.read_bytes()
     assert not ck.exists()
@@ -154,11 +169,11 @@ def test_resume_refuses_a_checkpoint_of_other_settings(dense_model, calib_text, 
             raise _Stop
 
     with pytest.raises(_Stop):
-        collect(dense_model, toks, out, on_chunk=interrupt, **kw)
+        collect(dense_model, toks, out, CollectSettings(**kw), on_chunk=interrupt)
     with pytest.raises(ImatrixError, match=r"different settings.*last_chunk"):
-        collect(dense_model, toks, out, resume=True, **{**kw, "last_chunk": 5})
+        collect(dense_model, toks, out, CollectSettings(resume=True, **{**kw, "last_chunk": 5}))
     # without resume the checkpoint is ignored and replaced by the finished output
-    res = collect(dense_model, toks, out, **kw)
+    res = collect(dense_model, toks, out, CollectSettings(**kw))
     assert res.resumed_from is None and out.exists() and not checkpoint_path(out).exists()
     assert read_imatrix(out).chunk_count == 6
 
@@ -169,20 +184,35 @@ def test_chunk_range_is_checked(dense_model, calib_text, tmp_path):
     n = np.load(toks).size // 128
     for first, last in ((0, n + 1), (3, 3), (-1, 2)):
         with pytest.raises(ImatrixError, match="chunk range"):
-            collect(dense_model, toks, n_ctx=128, first_chunk=first, last_chunk=last)
+            collect(
+                dense_model,
+                toks,
+                None,
+                CollectSettings(n_ctx=128, first_chunk=first, last_chunk=last),
+            )
     # the library takes any valid range, also a single last chunk (no 2-chunk minimum)
-    r = collect(dense_model, toks, n_ctx=128, first_chunk=n - 1, last_chunk=n, compute_ppl=True)
+    r = collect(
+        dense_model,
+        toks,
+        None,
+        CollectSettings(n_ctx=128, first_chunk=n - 1, last_chunk=n, compute_ppl=True),
+    )
     assert r.data.chunk_count == 1 and len(r.perplexity.running) == 1
 
 
 def test_tokens_array_and_file_agree_and_name_the_dataset(dense_model, calib_text, tmp_path):
     toks = tmp_path / "t.npy"
     rec = tokenize_file(dense_model, calib_text, toks)
-    kw = dict(n_ctx=128, last_chunk=3, compute_ppl=False)
-    from_file = collect(dense_model, toks, **kw)
+    settings = CollectSettings(n_ctx=128, last_chunk=3, compute_ppl=False)
+    from_file = collect(dense_model, toks, None, settings)
     arr = np.load(toks)
     from_arr = collect(
-        dense_model, arr, dataset="mine", provenance=Provenance(model_sha256="ab" * 32), **kw
+        dense_model,
+        arr,
+        None,
+        settings,
+        dataset="mine",
+        provenance=Provenance(model_sha256="ab" * 32),
     )
     _same_entries(from_file.data, from_arr.data)
     # a tokens file names its text and carries its provenance
@@ -201,12 +231,14 @@ def test_save_frequency_snapshots(dense_model, calib_text, tmp_path):
         dense_model,
         toks,
         out,
-        n_ctx=128,
-        n_batch=256,
-        last_chunk=7,
-        save_frequency=3,
-        output_format="dat",
-        compute_ppl=False,
+        CollectSettings(
+            n_ctx=128,
+            n_batch=256,
+            last_chunk=7,
+            save_frequency=3,
+            output_format="dat",
+            compute_ppl=False,
+        ),
     )
     snaps = sorted(p.name for p in tmp_path.glob("o.dat.at_*"))
     assert snaps == ["o.dat.at_4", "o.dat.at_6"]  # groups of 2: counts pass 3 at 4, 6 at 6
@@ -229,7 +261,12 @@ def test_llama_log_goes_through_logging(
     toks = tmp_path / "t.npy"
     tokenize_file(dense_model, calib_text, toks)
     capfd.readouterr()
-    collect(dense_model, toks, n_ctx=128, last_chunk=2, compute_ppl=False, progress=False)
+    collect(
+        dense_model,
+        toks,
+        None,
+        CollectSettings(n_ctx=128, last_chunk=2, compute_ppl=False, progress=False),
+    )
     out = capfd.readouterr()
     assert out.out == "" and "llama" not in out.err
     assert any(
@@ -275,9 +312,19 @@ def test_threads_and_shared_inputs_do_not_change_the_sums(tiny_model, tokens, ca
     import logging
 
     kw = dict(n_ctx=128, n_batch=256, last_chunk=6, compute_ppl=False)
-    plain = collect(tiny_model, tokens, threads=1, reuse_inputs=False, stop_early=False, **kw)
+    plain = collect(
+        tiny_model,
+        tokens,
+        None,
+        CollectSettings(threads=1, reuse_inputs=False, stop_early=False, **kw),
+    )
     caplog.set_level(logging.DEBUG, logger="imatrix.collect")
-    fast = collect(tiny_model, tokens, threads=2, sum_threads=2, reuse_inputs=True, **kw)
+    fast = collect(
+        tiny_model,
+        tokens,
+        None,
+        CollectSettings(threads=2, sum_threads=2, reuse_inputs=True, **kw),
+    )
     _same_entries(plain.data, fast.data)
     # 3 graphs of 2 layers; q/k/v share an input, so do gate/up (or the experts' gate/up):
     # 3 reuses per layer; the MoE layers also observe the router (ffn_gate_inp)
@@ -291,20 +338,20 @@ def test_a_wrong_probe_is_caught_and_undone(tiny_model, tokens, monkeypatch, cap
     decode's check notices, puts the sums back and decodes again in full."""
     import logging
 
-    from imatrix.collect import Collector
+    from imatrix.collect.graph_cut import GraphCut
 
     kw = dict(n_ctx=128, n_batch=256, last_chunk=6, compute_ppl=False)
-    full = collect(tiny_model, tokens, stop_early=False, **kw)
-    original = Collector.finish_probe
+    full = collect(tiny_model, tokens, None, CollectSettings(stop_early=False, **kw))
+    original = GraphCut.finish_probe
 
     def wrong(self, n_tokens):
         armed = original(self, n_tokens)
-        self.stop_after = self._seq[len(self._seq) // 2]  # a tensor in the middle
+        self.stop_after = self.sequence[len(self.sequence) // 2]  # a tensor in the middle
         return armed
 
-    monkeypatch.setattr(Collector, "finish_probe", wrong)
+    monkeypatch.setattr(GraphCut, "finish_probe", wrong)
     caplog.set_level(logging.DEBUG, logger="imatrix.collect")
-    res = collect(tiny_model, tokens, **kw)
+    res = collect(tiny_model, tokens, None, CollectSettings(**kw))
     assert not res.stopped_early
     assert any("differ from the probe" in r.getMessage() for r in caplog.records)
     _same_entries(res.data, full.data)

@@ -31,9 +31,9 @@ from hypothesis import given
 from test_fuzz_readers import FUZZ, _mutations
 
 from imatrix import faults
-from imatrix.collect import KEY_CHECKPOINT_STATE, _load_checkpoint
+from imatrix.collect import KEY_CHECKPOINT_STATE, load_checkpoint
 from imatrix.errors import ImatrixError
-from imatrix.formats import read_imatrix
+from imatrix.formats import read_imatrix, write_imatrix
 from imatrix.gguf_io import read_gguf
 
 pytestmark = pytest.mark.timeout(600)
@@ -213,26 +213,47 @@ def test_killed_twice(tmp_path, dense_model, calib_text, references):
     assert final_ppl(third.stdout) == final_ppl(ref_stdout)
 
 
-def test_killed_from_outside_at_a_random_moment(tmp_path, dense_model, calib_text, references):
-    """No hook: SIGKILL from another process once the first checkpoint exists."""
-    ref_bytes, _, _ = references["dense", "gguf"]
-    out = tmp_path / "out.gguf"
-    cmd = collect_cmd(dense_model, calib_text, out)
+def signal_when(cmd: list[str], trigger: Path, sig: int) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` (no crash hook) and send it ``sig`` from outside as soon as
+    ``trigger`` exists; the process may have finished before (then it exits 0)."""
     env = {k: v for k, v in os.environ.items() if k != faults.ENV}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not Path(f"{out}.checkpoint").exists() and proc.poll() is None:
-            assert time.monotonic() < deadline
+        while not trigger.exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, f"{trigger} never appeared"
             time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
     finally:
-        proc.wait(timeout=60)
-    assert proc.returncode in (0, -signal.SIGKILL)
-    resumed = run([*cmd, "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert out.read_bytes() == ref_bytes
-    assert leftovers(tmp_path) == ["out.gguf"]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_killed_from_outside_at_a_random_moment(tmp_path, dense_model, calib_text, references):
+    """No hook: SIGKILL from another process once the first checkpoint exists. A run
+    that finishes before the kill lands has tested nothing: it is retried with an
+    earlier kill point (as soon as the output's lock exists, i.e. during start-up),
+    and the test fails if no attempt was killed."""
+    ref_bytes, _, _ = references["dense", "gguf"]
+    for trigger in (".checkpoint", ".lock"):
+        d = tmp_path / trigger.strip(".")
+        d.mkdir()
+        out = d / "out.gguf"
+        cmd = collect_cmd(dense_model, calib_text, out)
+        killed = signal_when(cmd, Path(f"{out}{trigger}"), signal.SIGKILL)
+        if killed.returncode == 0:
+            continue  # finished before the kill: try an earlier moment
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        resumed = run([*cmd, "--resume"])
+        assert resumed.returncode == 0, resumed.stderr
+        assert out.read_bytes() == ref_bytes
+        assert leftovers(d) == ["out.gguf"]
+        return
+    pytest.fail("every run finished before the kill: no kill was tested")
 
 
 def test_resume_with_another_batch_plan_keeps_counts(tmp_path, dense_model, calib_text, references):
@@ -343,6 +364,169 @@ def test_sound_checkpoint_of_other_settings_is_refused(
     assert proc.stderr.strip().splitlines()[-1].startswith("imatrix collect: error: ")
     assert "different settings (last_chunk)" in proc.stderr and "Traceback" not in proc.stderr
     assert ck.read_bytes() == sound_checkpoint and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def other_inputs(tmp_path_factory, calib_text, references):
+    """Another text (one word changed) and two imatrices with the same datasets but
+    different sums (for --in-file)."""
+    d = tmp_path_factory.mktemp("other")
+    text = d / "other.txt"
+    words = calib_text.read_text(encoding="utf-8").split(" ")
+    text.write_text(" ".join(["changed", *words[1:]]), encoding="utf-8")
+    a, b = d / "a.gguf", d / "b.gguf"
+    a.write_bytes(references["dense", "gguf"][0])
+    data = read_imatrix(a)
+    for e in data.entries.values():
+        e.values = e.values * 2
+    write_imatrix(data, b)
+    assert read_imatrix(b).datasets == read_imatrix(a).datasets
+    return {"text": text, "a": a, "b": b}
+
+
+#: (setting the README lists, how the rerun differs, the signature keys it changes)
+OTHER_SETTINGS = {
+    "model": (lambda k: ["-m", str(k["moe"])], "model_sha256"),
+    "text": (lambda k: ["-f", str(k["text"])], "tokens_sha256"),
+    "ctx-size": (lambda k: ["-c", "64"], "n_ctx"),
+    "chunk-range-last": (lambda k: ["--chunks", "11"], "last_chunk"),
+    "chunk-range-first": (lambda k: ["--chunk", "1"], "first_chunk"),
+    "process-output": (lambda k: ["--process-output"], "process_output"),
+    "in-file-added": (lambda k: ["--in-file", str(k["a"])], "base_datasets"),
+    "in-file-other-same-datasets": (lambda k: ["--in-file", str(k["b"])], "base_sha256"),
+}
+
+
+@pytest.mark.parametrize("setting", list(OTHER_SETTINGS))
+def test_checkpoint_of_each_other_setting_is_refused(
+    setting, tmp_path, dense_model, moe_model, calib_text, other_inputs
+):
+    """For each setting the README lists (model, text, -c, chunk range,
+    --process-output, --in-file), a sound checkpoint made without that change is
+    refused by --resume: exit 1, one line naming the setting, the checkpoint kept. The
+    last case resumes with another --in-file of the same datasets (only its sums
+    differ) than the checkpoint was made with."""
+    change, key = OTHER_SETTINGS[setting]
+    out = tmp_path / "out.gguf"
+    base = ["--in-file", str(other_inputs["a"])] if setting.startswith("in-file-other") else []
+    made = run(collect_cmd(dense_model, calib_text, out, *base), "collect.checkpointed@1")
+    assert made.returncode == -signal.SIGKILL, made.stderr
+    ck = Path(f"{out}.checkpoint")
+    sound = ck.read_bytes()
+    extra = change({**other_inputs, "moe": moe_model})
+    proc = run([*collect_cmd(dense_model, calib_text, out), *extra, "--resume"])
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("imatrix collect: error: ") and "Traceback" not in proc.stderr
+    listed = last.split("different settings (", 1)[1].split(")", 1)[0].split(", ")
+    assert key in listed, last
+    assert ck.read_bytes() == sound and not out.exists()
+
+
+# --- SIGTERM: finish the chunks in flight, checkpoint, exit 143 -----------------------
+
+#: (id, crash hook that freezes the collector, checkpoint chunk expected after SIGTERM)
+SIGTERM_CASES = [
+    # after the first group (chunks 0-1): off the -ofreq cadence, an exact checkpoint
+    ("off-cadence", "collect.chunk@1=stop", 2),
+    # after the group that crosses 3 chunks: the periodic checkpoint at 4 is the one
+    ("on-cadence", "collect.chunk@2=stop", 4),
+    # right after a checkpoint was written (same group): nothing more to write
+    ("after-a-checkpoint", "collect.checkpointed@2=stop", 6),
+]
+
+
+def sigterm_at(cmd: list[str], fault: str) -> subprocess.CompletedProcess[str]:
+    """Freeze the collector at ``fault``, send SIGTERM, let it continue."""
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+    proc = subprocess.Popen(
+        cmd,
+        env={**env, faults.ENV: fault},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _state(proc.pid) == "T", f"the collector to stop at {fault}")
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize(
+    ("case", "fault", "ckpt"), SIGTERM_CASES, ids=[c[0] for c in SIGTERM_CASES]
+)
+def test_sigterm_checkpoints_and_resumes_to_the_same_bytes(
+    kind, case, fault, ckpt, tmp_path, dense_model, moe_model, calib_text, references
+):
+    """SIGTERM (SLURM's warning before a preemption's or time limit's SIGKILL) while a
+    group is decoded: the collector finishes the group, writes its checkpoint, exits
+    143; the previous output is untouched; --resume continues from that chunk and ends
+    byte-identical to an uninterrupted run, with the same perplexity."""
+    ref_bytes, ref_stdout, extra = references[kind, "gguf"]
+    model = dense_model if kind == "dense" else moe_model
+    out = tmp_path / "out.gguf"
+    out.write_bytes(PREVIOUS)
+    cmd = collect_cmd(model, calib_text, out, "--output-format", "gguf", *extra)
+    stopped = sigterm_at(cmd, fault)
+    assert stopped.returncode == 143, stopped.stderr
+    assert f"terminated by SIGTERM after chunk {ckpt}" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert checkpoint_chunk(out) == ckpt
+    assert out.read_bytes() == PREVIOUS
+    assert not Path(f"{out}.lock").exists()
+    resumed = run([*cmd, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {out}.checkpoint at chunk {ckpt}" in resumed.stderr
+    assert out.read_bytes() == ref_bytes
+    assert final_ppl(resumed.stdout) == final_ppl(ref_stdout)
+    assert leftovers(tmp_path) == [out.name]
+
+
+@pytest.mark.parametrize("fault", ["collect.chunk@6=stop", "write.partial:out.gguf=stop"])
+def test_sigterm_in_the_last_group_finishes_the_run(
+    fault, tmp_path, dense_model, calib_text, references
+):
+    """In the last group or while the output is written, nothing is left to save for
+    later: the output is completed and the exit status is 0."""
+    ref_bytes, ref_stdout, _ = references["dense", "gguf"]
+    out = tmp_path / "out.gguf"
+    cmd = collect_cmd(dense_model, calib_text, out)
+    done = sigterm_at(cmd, fault)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == ref_bytes
+    assert final_ppl(done.stdout) == final_ppl(ref_stdout)
+    assert leftovers(tmp_path) == [out.name]
+
+
+def test_sigterm_from_outside_mid_decode(tmp_path, dense_model, calib_text, references):
+    """No hook: SIGTERM from another process when the first checkpoint appears, i.e.
+    while later chunks are being decoded; retried earlier (at start-up) if the run
+    finished first, failed if no attempt was terminated."""
+    ref_bytes, _, _ = references["dense", "gguf"]
+    for trigger in (".checkpoint", ".lock"):
+        d = tmp_path / trigger.strip(".")
+        d.mkdir()
+        out = d / "out.gguf"
+        cmd = collect_cmd(dense_model, calib_text, out)
+        stopped = signal_when(cmd, Path(f"{out}{trigger}"), signal.SIGTERM)
+        if stopped.returncode == 0:
+            continue
+        assert stopped.returncode == 143, stopped.stderr
+        reached = checkpoint_chunk(out)
+        assert reached is not None and 2 <= reached < 12
+        resumed = run([*cmd, "--resume"])
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"at chunk {reached}" in resumed.stderr
+        assert out.read_bytes() == ref_bytes
+        return
+    pytest.fail("every run finished before SIGTERM: nothing was tested")
 
 
 # --- one writer per output --------------------------------------------------------
@@ -518,7 +702,7 @@ def test_mutated_checkpoints_are_rejected_or_read_exactly(sound_checkpoint, tmp_
     good = d / "good.checkpoint"
     good.write_bytes(sound_checkpoint)
     sig = json.loads(read_gguf(good, load_data=False).get(KEY_CHECKPOINT_STATE))["signature"]
-    ref_data, ref_reached, ref_state = _load_checkpoint(good, sig)
+    ref_data, ref_reached, ref_state = load_checkpoint(good, sig)
     n_accepted = [0, 0]
 
     @FUZZ
@@ -528,7 +712,7 @@ def test_mutated_checkpoints_are_rejected_or_read_exactly(sound_checkpoint, tmp_
         p.write_bytes(blob)
         n_accepted[1] += 1
         try:
-            data, reached, state = _load_checkpoint(p, sig)
+            data, reached, state = load_checkpoint(p, sig)
         except ImatrixError:
             return
         n_accepted[0] += 1

@@ -265,17 +265,14 @@ def test_report(run_a: Path, tmp_path: Path) -> None:
 def test_merge_equals_unsharded_collection(run_a: Path) -> None:
     """3 shards x 2 datasets merged == per dataset one collect over the same chunks,
     then combined with the weights (counts identical, sums within 1e-6 relative)."""
-    from imatrix.collect import collect
+    from imatrix.collect import CollectSettings, collect
 
     cfg = load_config()
     c = cfg["collect"]
     whole = []
     for d in ("alpha", "beta"):
         out = run_a / f"unsharded-{d}.gguf"
-        collect(
-            run_a / "models/tiny.gguf",
-            run_a / f"results/{M}/tokens/{d}.npy",
-            out,
+        settings = CollectSettings(
             last_chunk=cfg["datasets"][d].get("chunks"),
             n_ctx=c["n_ctx"],
             n_batch=c["n_batch"],
@@ -284,8 +281,9 @@ def test_merge_equals_unsharded_collection(run_a: Path) -> None:
             n_gpu_layers=0,
             compute_ppl=False,
             output_frequency=0,
-            dataset=d,
         )
+        tokens = run_a / f"results/{M}/tokens/{d}.npy"
+        collect(run_a / "models/tiny.gguf", tokens, out, settings, dataset=d)
         whole.append(read_imatrix(out))
     ref = combine(whole, weights=[1.0, 2.0])
     merged = read_imatrix(run_a / f"results/{M}/imatrix.gguf")
@@ -503,7 +501,7 @@ def test_lint_and_format() -> None:
 
 def test_merge_refuses_a_shard_of_another_text(run_b: Path) -> None:
     """A shard collected on a different version of the dataset's text is refused."""
-    from imatrix.collect import collect
+    from imatrix.collect import CollectSettings, collect
 
     odd = run_b / "odd"
     odd.mkdir()
@@ -515,15 +513,17 @@ def test_merge_refuses_a_shard_of_another_text(run_b: Path) -> None:
         run_b / "models/tiny.gguf",
         odd / "alpha.npy",
         odd / "shard.gguf",
-        first_chunk=0,
-        last_chunk=22,
-        n_ctx=128,
-        n_batch=256,
-        n_ubatch=128,
-        threads=1,
-        n_gpu_layers=0,
-        compute_ppl=False,
-        output_frequency=0,
+        CollectSettings(
+            first_chunk=0,
+            last_chunk=22,
+            n_ctx=128,
+            n_batch=256,
+            n_ubatch=128,
+            threads=1,
+            n_gpu_layers=0,
+            compute_ppl=False,
+            output_frequency=0,
+        ),
         dataset="alpha",
     )
     data = read_imatrix(odd / "shard.gguf")

@@ -8,11 +8,26 @@ copy of every activation matrix costs more than the rest of the callback.
 
 So, for dense matrices: squares are formed in float32, as llama.cpp forms them, and
 summed over groups of :data:`GROUP` rows in float32; the group sums go into float64
-accumulators. A group sum is off by a few float32 ulps at most (measured on
-gemma-3-270m: 1.6e-7 relative against all-float64 arithmetic), and that error does not
-grow with the run, unlike llama-imatrix's single float32 accumulator (~1e-5 after 16
-chunks). Expert (MoE) inputs, gathered per expert, are summed in float64. Columns can
-be split across threads (numpy releases the GIL in these loops).
+accumulators. Expert (MoE) inputs, gathered per expert, are summed in float64.
+Columns can be split across threads (numpy releases the GIL in these loops); the
+result does not depend on the split.
+
+Error bound (any data, any summation order numpy picks; ``u = 2**-24`` and
+``v = 2**-53`` are the float32 and float64 unit roundoffs, ``n`` the rows summed in one
+call): for a column ``x_1..x_n`` of float32 activations, with ``S2 = sum x_i**2`` and
+``S1 = sum |x_i|`` computed exactly,
+
+- :meth:`ColumnSums.dense`: ``|sum of squares - S2| <= (17 u + 2 n v) S2 + n 2**-149``
+  (one rounding of each square plus 15 additions in a float32 group: ``gamma_16``; the
+  float64 sum of the group sums; the last term covers squares that underflow to
+  float32 subnormals), and ``|sum - sum x_i| <= (17 u + 2 n v) S1``;
+- :meth:`ColumnSums.grouped`: ``(2 n v) S2`` and ``(2 n v) S1`` (squares of float32
+  values are exact in float64).
+
+The float32 part of the bound does not grow with ``n`` or with the number of chunks
+(the float64 accumulators add ``v`` per addition), unlike llama-imatrix's single
+float32 accumulator, whose error grows with every row it adds.
+tests/test_activations.py checks these bounds on adversarial inputs.
 """
 
 from __future__ import annotations
@@ -42,9 +57,9 @@ def _dense_part(x: np.ndarray, sq: np.ndarray, s: np.ndarray, block: int) -> Non
     """Squares formed in float32 (as llama.cpp forms them) and summed over groups of
     :data:`GROUP` rows in float32; the group sums are accumulated in float64.
 
-    A third faster than :func:`_dense_part_exact`; the error of a group sum is at most
-    a few float32 ulps and does not grow with the number of rows or chunks (a single
-    float32 accumulator, as in llama-imatrix, loses ~1e-5 over 16 chunks).
+    Faster than :func:`_dense_part_exact` (no float64 copy of the rows); the error of a
+    group sum is bounded by ``gamma_16`` in float32 and does not grow with the number
+    of rows or chunks (see the module docstring for the bound).
     """
     n = x.shape[0]
     m = n - n % GROUP

@@ -6,6 +6,13 @@ tokens; the workflow tokenizes once and caches an int32 ``.npy`` with a JSON rec
 beside it (counts, sha256s, tokenizer settings) that later steps copy into the
 imatrix's provenance.
 
+The two files cannot be written in one atomic step, so the record names the tokens it
+describes (``tokens_sha256``, over the int32 little-endian token bytes), is written
+*first*, and :func:`load_tokens` refuses a ``.npy`` whose tokens are not the ones its
+record names. A kill between the two writes therefore leaves either a new record
+beside the old tokens (refused: tokenize again) or a new record alone (no tokens
+file); never a pair that silently disagrees.
+
 What llama-imatrix does, and we repeat: read the file as bytes, drop one trailing
 newline (``-f`` does), and tokenize the whole text at once with ``add_special=true``
 (BOS when the model adds one) and ``parse_special`` as given (``common_tokenize``).
@@ -14,6 +21,7 @@ The model is loaded ``vocab_only``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -83,6 +91,11 @@ def tokenize_text(model: Model, data: bytes, *, parse_special: bool = False) -> 
     return tokenize(model, data, add_special=True, parse_special=parse_special)
 
 
+def tokens_sha256(tokens: np.ndarray) -> str:
+    """sha256 of the tokens as int32 little-endian bytes (what the record names)."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()
+
+
 def tokenize_file(
     model: str | Path,
     text: str | Path,
@@ -94,9 +107,10 @@ def tokenize_file(
     """Tokenize ``text`` with ``model``'s vocabulary into ``output`` (int32 ``.npy``).
 
     Also writes ``output.with_suffix('.json')``: n_tokens, the text's and the model's
-    sha256 (``model_sha256`` skips hashing when the caller knows it), add_bos,
-    parse_special, n_vocab and the tokenizer settings. Both files are written
-    atomically. Returns the JSON record.
+    sha256 (``model_sha256`` skips hashing when the caller knows it), the tokens'
+    sha256, add_bos, parse_special, n_vocab and the tokenizer settings. Both files are
+    written atomically, the record first (see the module docstring). Returns the JSON
+    record.
     """
     out = Path(output)
     data = read_text(text)
@@ -106,8 +120,10 @@ def tokenize_file(
         tokens = tokenize_text(m, data, parse_special=parse_special)
         settings = tokenizer_settings(m, parse_special=parse_special)
     log.info("%s: %d tokens", text, tokens.size)
+    tokens = tokens.astype(np.int32)
     record = {
         "n_tokens": int(tokens.size),
+        "tokens_sha256": tokens_sha256(tokens),
         "text": str(text),
         "text_sha256": text_sha,
         "model": str(model),
@@ -119,14 +135,16 @@ def tokenize_file(
         "version": __version__,
     }
     buf = io.BytesIO()
-    np.save(buf, tokens.astype(np.int32), allow_pickle=False)
-    atomic_write(out, buf.getvalue())
+    np.save(buf, tokens, allow_pickle=False)
     atomic_write(out.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write(out, buf.getvalue())
     return record
 
 
 def load_tokens(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None]:
-    """Tokens from a ``.npy`` written by :func:`tokenize_file`, and its JSON record if present."""
+    """Tokens from a ``.npy`` written by :func:`tokenize_file`, and its JSON record if
+    present; refuses a record that describes other tokens (another run's, or one killed
+    between its two writes)."""
     p = Path(path)
     try:
         arr = np.load(p, allow_pickle=False)
@@ -145,6 +163,12 @@ def load_tokens(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None]:
             meta = json.loads(j.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ImatrixError(f"{j}: unreadable tokens record ({exc})") from exc
+        want = meta.get("tokens_sha256")  # records written before it: n_tokens only
+        if want is not None and want != tokens_sha256(arr):
+            raise ImatrixError(
+                f"{j}: records other tokens than {p} holds (sha256 {str(want)[:12]} vs "
+                f"{tokens_sha256(arr)[:12]}; a tokenize run was interrupted?); tokenize again"
+            )
         if meta.get("n_tokens") not in (None, int(arr.size)):
             raise ImatrixError(
                 f"{j}: records {meta.get('n_tokens')} tokens but {p} holds {arr.size}"

@@ -5,6 +5,12 @@ tokenize`` instead of ``-f``; ``--compat`` writes llama-imatrix's GGUF layout on
 (the default adds activation sums and provenance); the output is written once at the
 end and intermediate saves go to ``<output>.checkpoint`` (``--resume`` continues from
 it) instead of rewriting the output; ``--in-file`` without ``-f`` needs no ``-m``.
+
+Signals: SIGTERM (what SLURM sends before a preemption's or time limit's SIGKILL)
+finishes the chunks being decoded, writes ``<output>.checkpoint`` and exits with
+status 143, so that Snakemake or a requeued job reruns it and ``--resume`` continues
+to the same bytes. SIGINT (Ctrl-C) stops at once with status 130, keeping the last
+periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from imatrix.cli import add_verbosity
 from imatrix.constants import DEFAULT_OUTPUT
@@ -26,16 +35,28 @@ from imatrix.formats import (
 )
 from imatrix.model import ImatrixData, Provenance, combine
 
+if TYPE_CHECKING:  # the collector loads llama.cpp: only imported when collecting
+    from imatrix.collect import CollectResult, CollectSettings
+
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "collect",
         help="compute an importance matrix (drop-in for llama-imatrix)",
         description="Compute an importance matrix for a model over calibration text, "
         "with llama-imatrix's flags and results.",
     )
+    _add_files(p)
+    _add_collection(p)
+    _add_run(p)
+    add_verbosity(p)
+    p.set_defaults(run=run)
+
+
+def _add_files(p: argparse.ArgumentParser) -> None:
+    """Model, text and output."""
     p.add_argument("-m", "--model", help="model GGUF (not needed to combine --in-file inputs)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("-f", "--file", help="calibration text file")
@@ -54,6 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write exactly llama-imatrix's GGUF layout (no in_sum tensors, no provenance)",
     )
+
+
+def _add_collection(p: argparse.ArgumentParser) -> None:
+    """What is collected and saved."""
     ppl = p.add_mutually_exclusive_group()
     ppl.add_argument("--no-ppl", dest="ppl", action="store_false", help="do not compute perplexity")
     ppl.add_argument("--ppl", dest="ppl", action="store_true", help="compute perplexity (default)")
@@ -95,6 +120,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--show-statistics", action="store_true", help="show statistics of one --in-file and exit"
     )
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    """How it runs (llama.cpp's context flags) and reports."""
     p.add_argument(
         "-c", "--ctx-size", type=int, default=512, help="chunk size in tokens (default: 512)"
     )
@@ -132,12 +161,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)"
     )
-    add_verbosity(p)
-    p.set_defaults(run=run)
 
 
 def _in_files(values: list[str]) -> list[str]:
-    out = []
+    out: list[str] = []
     for v in values:
         out.extend(x for x in v.split(",") if x)
     return out
@@ -202,11 +229,47 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace, loaded: ImatrixData | None, fmt: str, n_ctx: int) -> int:
-    import json
+    from imatrix.collect import Terminated, collect
 
-    import numpy as np
+    tokens, prov, dataset = _tokens_and_provenance(args)
+    log.info("%d tokens", tokens.size)
+    first, n_chunk = _chunk_range(args, tokens.size, n_ctx)
+    printed = [False]
 
-    from imatrix.collect import collect
+    def on_chunk(k: int, running: float | None) -> None:
+        if running is not None:
+            sys.stdout.write(f"[{k - first + 1}]{running:.4f},")
+            sys.stdout.flush()
+            printed[0] = True
+
+    try:
+        result = collect(
+            args.model,
+            tokens,
+            args.output,
+            _settings(args, first, n_chunk, n_ctx, fmt),
+            dataset=dataset,
+            provenance=prov,
+            in_data=loaded,
+            on_chunk=on_chunk,
+        )
+    except Terminated as stop:  # the collector has said where it stopped
+        if printed[0]:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        return int(stop.code or 1)
+    if printed[0]:
+        sys.stdout.write("\n")
+    _report(result)
+    return 0
+
+
+def _tokens_and_provenance(args: argparse.Namespace) -> tuple[np.ndarray, Provenance, str]:
+    """The tokens of ``-f`` (tokenized as llama-imatrix does) or ``--tokens``, their
+    provenance (the model is hashed) and the dataset name to record."""
+    from dataclasses import replace
+
+    from imatrix.collect.plan import provenance_for
     from imatrix.demo import sha256_file
     from imatrix.llama_api import load_model
     from imatrix.tokenize import (
@@ -227,62 +290,53 @@ def _collect(args: argparse.Namespace, loaded: ImatrixData | None, fmt: str, n_c
         prov = Provenance(
             model_sha256=model_sha, dataset_sha256=[sha256_file(args.file)], tokenizer=tok_settings
         )
-        dataset = args.file
-    else:
-        tokens, meta = load_tokens(args.tokens)
-        meta = meta or {}
-        if meta.get("model_sha256") and meta["model_sha256"] != model_sha:
-            raise ImatrixError(
-                f"{args.tokens}: was tokenized with another model (sha256 {meta['model_sha256'][:12]}, "
-                f"{args.model} has {model_sha[:12]})"
-            )
-        if args.parse_special and meta.get("parse_special") is False:
-            log.warning("--parse-special has no effect on --tokens (tokenized without it)")
-        prov = Provenance(
-            model_sha256=model_sha,
-            dataset_sha256=[meta["text_sha256"]] if meta.get("text_sha256") else [],
-            tokenizer=json.dumps(meta["tokenizer"], sort_keys=True, separators=(",", ":"))
-            if meta.get("tokenizer")
-            else None,
+        return np.asarray(tokens, dtype=np.int32), prov, args.file
+    tokens, meta = load_tokens(args.tokens)
+    meta = meta or {}
+    if meta.get("model_sha256") and meta["model_sha256"] != model_sha:
+        raise ImatrixError(
+            f"{args.tokens}: was tokenized with another model (sha256 {meta['model_sha256'][:12]}, "
+            f"{args.model} has {model_sha[:12]})"
         )
-        dataset = str(meta.get("text") or args.tokens)
-    tokens = np.asarray(tokens, dtype=np.int32)
-    log.info("%d tokens", tokens.size)
+    if args.parse_special and meta.get("parse_special") is False:
+        log.warning("--parse-special has no effect on --tokens (tokenized without it)")
+    prov = replace(provenance_for(None, meta), model_sha256=model_sha)
+    return np.asarray(tokens, dtype=np.int32), prov, str(meta.get("text") or args.tokens)
 
-    # llama-imatrix's checks, on the whole file's tokens
+
+def _chunk_range(args: argparse.Namespace, n_tokens: int, n_ctx: int) -> tuple[int, int]:
+    """``(first chunk, number of chunks)`` with llama-imatrix's checks on the whole
+    file's tokens (``--chunk`` leaves at least two chunks; ``--chunks`` caps)."""
     first = args.chunk
+    source = args.file or args.tokens
     if first < 0:
         raise ImatrixError(f"--chunk must not be negative, got {first}")
     if first > 0:
-        if (first + 2) * n_ctx >= tokens.size:
+        if (first + 2) * n_ctx >= n_tokens:
             raise ImatrixError(
-                f"{args.file or args.tokens}: there will be not enough tokens left after "
-                f"removing {first} chunks ({tokens.size} tokens, --chunk {first}, -c {n_ctx})"
+                f"{source}: there will be not enough tokens left after "
+                f"removing {first} chunks ({n_tokens} tokens, --chunk {first}, -c {n_ctx})"
             )
         log.info("removing initial %d chunks (%d tokens)", first, first * n_ctx)
-    remaining = tokens.size - first * n_ctx
+    remaining = n_tokens - first * n_ctx
     if remaining < 2 * n_ctx:
         raise ImatrixError(
-            f"{args.file or args.tokens}: you need at least {2 * n_ctx} tokens for a context "
+            f"{source}: you need at least {2 * n_ctx} tokens for a context "
             f"of {n_ctx} tokens; the data tokenizes to only {remaining} tokens"
         )
     n_chunk_max = remaining // n_ctx
     n_chunk = n_chunk_max if args.chunks < 0 else min(args.chunks, n_chunk_max)
     if n_chunk <= 0:
         raise ImatrixError("no chunks to process (--chunks 0)")
+    return first, n_chunk
 
-    printed = [False]
 
-    def on_chunk(k: int, running: float | None) -> None:
-        if running is not None:
-            sys.stdout.write(f"[{k - first + 1}]{running:.4f},")
-            sys.stdout.flush()
-            printed[0] = True
+def _settings(
+    args: argparse.Namespace, first: int, n_chunk: int, n_ctx: int, fmt: str
+) -> CollectSettings:
+    from imatrix.collect import CollectSettings
 
-    result = collect(
-        args.model,
-        tokens,
-        args.output,
+    return CollectSettings(
         first_chunk=first,
         last_chunk=first + n_chunk,
         n_ctx=n_ctx,
@@ -296,16 +350,14 @@ def _collect(args: argparse.Namespace, loaded: ImatrixData | None, fmt: str, n_c
         save_frequency=args.save_frequency,
         output_format=fmt,
         compat=args.compat,
-        dataset=dataset,
-        provenance=prov,
-        in_data=loaded,
         resume=args.resume,
         progress=False if args.no_progress else None,
         verbosity=args.verbosity,
-        on_chunk=on_chunk,
     )
-    if printed[0]:
-        sys.stdout.write("\n")
+
+
+def _report(result: CollectResult) -> None:
+    """llama-imatrix's final perplexity line on stdout, our throughput in the log."""
     p = result.perplexity
     if p is not None and p.ppl is not None:
         err = p.error
@@ -322,4 +374,3 @@ def _collect(args: argparse.Namespace, loaded: ImatrixData | None, fmt: str, n_c
         rate,
         ", graphs cut after the last needed tensor" if result.stopped_early else "",
     )
-    return 0

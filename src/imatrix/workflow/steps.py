@@ -47,26 +47,24 @@ def collect_shard(
     log.info("dataset %s shard %d: chunks [%d, %d) of %d", dataset, shard, first, last, n)
     with claim_gpu(None if ngl > 0 else 0):
         # after the GPU is chosen: llama.cpp loads here
-        from imatrix.collect import StaleCheckpoint, checkpoint_path, collect
+        from imatrix.collect import CollectSettings, StaleCheckpoint, checkpoint_path, collect
+
+        settings = CollectSettings(
+            first_chunk=first,
+            last_chunk=last,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
+            threads=threads,
+            n_gpu_layers=ngl,
+            process_output=process_output,
+            compute_ppl=ppl,
+            output_frequency=output_frequency,
+            resume=True,
+        )
 
         def run() -> None:
-            collect(
-                model,
-                tokens,
-                output,
-                first_chunk=first,
-                last_chunk=last,
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_ubatch=n_ubatch,
-                threads=threads,
-                n_gpu_layers=ngl,
-                process_output=process_output,
-                compute_ppl=ppl,
-                output_frequency=output_frequency,
-                dataset=dataset,
-                resume=True,
-            )
+            collect(model, tokens, output, settings, dataset=dataset)
 
         try:
             run()

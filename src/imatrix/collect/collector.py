@@ -1,0 +1,161 @@
+"""The eval callback: which graph nodes llama-imatrix reads, and where their inputs go.
+
+llama.cpp's graph scheduler calls ``cb_eval(tensor, ask)`` for every node it is about
+to compute. We answer ``ask`` exactly as llama-imatrix's ``collect_imatrix`` does
+(every ``MUL_MAT_ID``; a ``MUL_MAT`` when its F32 input has at least 16 rows and its
+weight is a ``blk.*`` tensor, or ``output.weight`` with ``process_output``), and when
+the node has been computed we read its input activations (``src[1]``, copied to host
+when it lives on a device) and the expert ids (``src[2]``) through
+:mod:`imatrix.ggml` and hand them to the accumulators
+(:mod:`imatrix.collect.accumulate`), or, while probing, to the graph cut
+(:mod:`imatrix.collect.graph_cut`).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from imatrix import ggml
+from imatrix.activations import ColumnSums
+from imatrix.collect.accumulate import Accumulators
+from imatrix.collect.graph_cut import GraphCut, Mode
+from imatrix.collect.shared_inputs import SharedInputs
+from imatrix.errors import ImatrixError
+from imatrix.model import Entry
+
+#: llama-imatrix ignores MUL_MAT nodes whose input has fewer rows than this
+MIN_ROWS = 16
+
+
+class Collector:
+    """The eval callback (:meth:`__call__`), its accumulators and its graph cut.
+
+    ``reuse_inputs``: sum an input shared by consecutive nodes once (CPU backend only);
+    ``threads``/``pool``: threads summing activations (see
+    :class:`imatrix.activations.ColumnSums`); ``trace``: log every node (``-lv 2``).
+    """
+
+    def __init__(
+        self,
+        *,
+        process_output: bool = False,
+        entries: dict[str, Entry] | None = None,
+        trace: bool = False,
+        threads: int = 1,
+        reuse_inputs: bool = False,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
+        layout = ggml.check_layout()
+        self._op_mm = layout.op_mul_mat
+        self._op_mmid = layout.op_mul_mat_id
+        self.process_output = process_output
+        self.shared = SharedInputs(reuse_inputs)
+        self.acc = Accumulators(entries, ColumnSums(threads, pool), self.shared, trace)
+        self.cut = GraphCut()
+        self._snapshot: dict[str, Entry] | None = None
+        self.n_observed = 0
+        #: time spent reading and summing activations (inside llama_decode)
+        self.seconds = 0.0
+
+    def close(self) -> None:
+        self.acc.summer.close()
+
+    def reset_cache(self) -> None:
+        """Forget shared-input sums (before every decode: its memory is rewritten)."""
+        self.shared.clear()
+
+    @property
+    def stop_after(self) -> str | None:
+        return self.cut.stop_after
+
+    @property
+    def n_reused(self) -> int:
+        return self.shared.n_reused
+
+    # -- callback ---------------------------------------------------------------
+
+    def __call__(self, addr: int, ask: bool) -> bool:
+        t = ggml.tensor(addr)
+        if ask:
+            return self._ask(t)
+        t0 = time.perf_counter()
+        name = self._observe(t)
+        self.seconds += time.perf_counter() - t0
+        return name != self.cut.stop_after
+
+    def _ask(self, t: ggml.GGMLTensor) -> bool:
+        if t.data:
+            self.shared.invalidate_if_written(t)
+        op = t.op
+        if op == self._op_mmid:
+            return True
+        if op != self._op_mm:
+            return False
+        src1 = ggml.tensor(t.src[1])
+        if src1.type != ggml.GGML_TYPE_F32:
+            return False
+        wanted = self._wanted(ggml.filter_name(ggml.tensor(t.src[0]).name))
+        if src1.ne[1] < MIN_ROWS:
+            if wanted:
+                self.cut.saw_small()
+            return False
+        return wanted
+
+    def _wanted(self, name: str) -> bool:
+        return name.startswith("blk.") or (self.process_output and name == "output.weight")
+
+    def _observe(self, t: ggml.GGMLTensor) -> str:
+        src0 = ggml.tensor(t.src[0])
+        src1 = ggml.tensor(t.src[1])
+        name = ggml.filter_name(src0.name)
+        if src1.nb[0] != 4:
+            raise ImatrixError(f"tensor '{name}': activations are not contiguous float32 rows")
+        mode = self.cut.mode
+        if mode is Mode.PROBE:  # record the graph's needed tensors, accumulate nothing
+            if t.op == self._op_mmid:
+                rows = int(src1.ne[2])
+            else:
+                rows = int(src1.ne[1] * src1.ne[2] * src1.ne[3]) // int(src0.ne[2] * src0.ne[3])
+            self.cut.record(name, rows)
+            return name
+        if t.op == self._op_mmid:
+            rows = self.acc.moe(name, src0, src1, ggml.tensor(t.src[2]))
+        else:
+            rows = self.acc.dense(name, src0, src1)
+        self.n_observed += 1
+        if mode is Mode.VERIFY:
+            self.cut.record(name, rows)
+        return name
+
+    # -- graph cut ----------------------------------------------------------------
+
+    def start_probe(self) -> None:
+        self.cut.start_probe()
+
+    def finish_probe(self, n_tokens: int) -> bool:
+        return self.cut.finish_probe(n_tokens)
+
+    def start_verify(self) -> None:
+        self._snapshot = self.acc.snapshot()
+        self.cut.start_verify()
+
+    def finish_verify(self, n_tokens: int) -> bool:
+        """True when the decode covered every probed tensor; else its sums are undone."""
+        ok = self.cut.finish_verify(n_tokens)
+        if not ok:
+            assert self._snapshot is not None
+            self.acc.restore(self._snapshot)
+        self._snapshot = None
+        return ok
+
+    # -- results ----------------------------------------------------------------
+
+    def entries(self) -> dict[str, Entry]:
+        return self.acc.sorted_entries()
+
+    def round_to_float32(self) -> None:
+        self.acc.round_to_float32()
+
+
+__all__ = ["MIN_ROWS", "Collector"]

@@ -1,0 +1,161 @@
+"""Which tokens go into which decode: chunks, sequences per batch, BOS.
+
+This follows ``compute_imatrix`` in llama.cpp's tools/imatrix/imatrix.cpp: chunk ``k``
+is ``tokens[k*n_ctx:(k+1)*n_ctx]``; ``n_batch // n_ctx`` chunks are decoded side by
+side as parallel sequences (a *group*), each in batches of at most ``n_batch``
+tokens; BOS replaces a chunk's first token when the model adds BOS. Everything here
+is pure arithmetic on arrays, so it is tested without a model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imatrix.collect.settings import CollectSettings
+from imatrix.errors import ImatrixError
+from imatrix.model import Provenance
+
+
+def plan_batches(n_ctx: int, n_batch: int) -> tuple[int, int, int]:
+    """``(n_seq, n_kv, n_batch)`` as llama-imatrix derives them from ``-c`` and ``-b``."""
+    if n_ctx <= 0:
+        raise ImatrixError(f"n_ctx must be positive, got {n_ctx}")
+    if n_batch <= 0:
+        raise ImatrixError(f"n_batch must be positive, got {n_batch}")
+    n_seq = max(1, n_batch // n_ctx)
+    n_kv = n_seq * n_ctx
+    return n_seq, n_kv, min(n_batch, n_kv)
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """One ``llama_decode`` of a group: ``size`` tokens of each sequence from position
+    ``start`` on, sequences one after the other."""
+
+    start: int
+    size: int
+    tokens: np.ndarray
+    positions: np.ndarray
+    seq_ids: np.ndarray
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The chunk range of a collection and how its chunks are batched."""
+
+    tokens: np.ndarray
+    n_ctx: int
+    first: int
+    last: int
+    n_seq: int
+    n_kv: int
+    n_batch: int
+
+    @property
+    def n_chunks(self) -> int:
+        return self.last - self.first
+
+    @property
+    def batches_per_chunk(self) -> int:
+        return (self.n_ctx + self.n_batch - 1) // self.n_batch
+
+    def chunk(self, k: int) -> np.ndarray:
+        """The tokens of chunk ``k`` (a view)."""
+        return self.tokens[k * self.n_ctx : (k + 1) * self.n_ctx]
+
+    def groups(self, start: int) -> Iterator[tuple[int, int]]:
+        """``(first chunk, number of chunks)`` of each group from chunk ``start`` on."""
+        for g0 in range(start, self.last, self.n_seq):
+            yield g0, min(self.n_seq, self.last - g0)
+
+    def batches(self, g0: int, n_seq: int, bos: int | None) -> Iterator[BatchSpec]:
+        """The decodes of the group of ``n_seq`` chunks from ``g0``; ``bos`` (None: the
+        model adds none) replaces each chunk's first token."""
+        for j in range(self.batches_per_chunk):
+            b0 = j * self.n_batch
+            bs = min(self.n_ctx - b0, self.n_batch)
+            starts = [(g0 + s) * self.n_ctx + b0 for s in range(n_seq)]
+            rows = [self.tokens[c0 : c0 + bs] for c0 in starts]
+            seq_tok = np.stack(rows)  # a copy: BOS must not reach the caller's tokens
+            if bos is not None and j == 0:
+                seq_tok[:, 0] = bos
+            yield BatchSpec(
+                start=b0,
+                size=bs,
+                tokens=seq_tok.reshape(-1),
+                positions=np.tile(np.arange(b0, b0 + bs, dtype=np.int32), n_seq),
+                seq_ids=np.repeat(np.arange(n_seq, dtype=np.int32), bs),
+            )
+
+
+def plan_chunks(tokens: np.ndarray, settings: CollectSettings) -> ChunkPlan:
+    """The plan of ``settings``' chunk range over ``tokens``; refuses a range outside
+    the data (the library takes any valid ``[first, last)``, no 2-chunk minimum)."""
+    n_ctx = settings.n_ctx
+    n_seq, n_kv, n_batch = plan_batches(n_ctx, settings.n_batch)
+    n_chunk_max = tokens.size // n_ctx
+    last = n_chunk_max if settings.last_chunk is None else int(settings.last_chunk)
+    first = int(settings.first_chunk)
+    if not 0 <= first < last <= n_chunk_max:
+        raise ImatrixError(
+            f"chunk range [{first}, {last}) is not within the {n_chunk_max} chunks of {n_ctx} "
+            f"tokens in the data ({tokens.size} tokens)"
+        )
+    return ChunkPlan(tokens, n_ctx, first, last, n_seq, n_kv, n_batch)
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Tokens to collect over, the dataset name to record, and the tokens file's record."""
+
+    tokens: np.ndarray
+    dataset: str | None
+    meta: dict[str, Any] | None
+
+
+def load_token_source(tokens: str | Path | np.ndarray, dataset: str | None) -> TokenSource:
+    """An int32 array as is, or a ``.npy`` from :func:`imatrix.tokenize.tokenize_file`
+    (``dataset`` defaults to the text path its record names, else the file's path)."""
+    if isinstance(tokens, np.ndarray):
+        arr = np.ascontiguousarray(tokens, dtype=np.int32)
+        if arr.ndim != 1:
+            raise ImatrixError(f"tokens must be a 1-D array, got shape {arr.shape}")
+        return TokenSource(arr, dataset, None)
+    from imatrix.tokenize import load_tokens
+
+    arr, meta = load_tokens(tokens)
+    if dataset is None:
+        dataset = str(meta["text"]) if meta and meta.get("text") else str(tokens)
+    return TokenSource(arr, dataset, meta)
+
+
+def provenance_for(given: Provenance | None, meta: dict[str, Any] | None) -> Provenance:
+    """``given``, or when it names no model, what a tokens file's record says."""
+    prov = given or Provenance()
+    if not meta or prov.model_sha256:
+        return prov
+    tokenizer = meta.get("tokenizer")
+    return Provenance(
+        model_sha256=meta.get("model_sha256"),
+        dataset_sha256=[meta["text_sha256"]] if meta.get("text_sha256") else [],
+        tokenizer=json.dumps(tokenizer, sort_keys=True, separators=(",", ":"))
+        if tokenizer
+        else None,
+    )
+
+
+__all__ = [
+    "BatchSpec",
+    "ChunkPlan",
+    "TokenSource",
+    "load_token_source",
+    "plan_batches",
+    "plan_chunks",
+    "provenance_for",
+]
