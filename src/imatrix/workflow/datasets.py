@@ -73,8 +73,8 @@ def _jsonl_records(path: Path, column: str) -> list[str]:
 
 
 def _parquet_records(path: Path, column: str) -> list[str]:
-    import pyarrow as pa  # type: ignore[import-untyped]
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
         schema = pq.read_schema(path)
