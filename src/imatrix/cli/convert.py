@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from imatrix.cli import add_verbosity
+from imatrix.cli import add_verbosity, check_ctx_size
 from imatrix.cli.combine import add_output_options
 from imatrix.convert import convert_imatrix
-from imatrix.errors import ImatrixError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,8 +18,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ctx_size is not None and args.ctx_size <= 0:
-        raise ImatrixError(f"-c/--ctx-size must be positive, got {args.ctx_size}")
+    check_ctx_size(args.ctx_size)
     convert_imatrix(
         args.input,
         args.output,
