@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 import yaml
 
-from imatrix.demo import sha256_file
 from imatrix.formats import read_imatrix, write_imatrix
+from imatrix.hashing import sha256_file
 from imatrix.model import combine
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from imatrix.atomic import atomic_output
 from imatrix.errors import ImatrixError
-from imatrix.hashing import sha256_file as sha256_file  # re-exported for older importers
+from imatrix.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

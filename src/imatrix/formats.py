@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from imatrix import __version__
-from imatrix.atomic import atomic_write as atomic_write  # re-exported for older importers
-from imatrix.atomic import check_writable as check_writable  # re-exported for collect
+from imatrix.atomic import atomic_write
 from imatrix.atomic import remove_stale_temporaries as remove_stale_temporaries  # likewise
 from imatrix.constants import (
     DEFAULT_CHUNK_SIZE,

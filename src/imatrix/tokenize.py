@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from imatrix import __version__
+from imatrix.atomic import atomic_write
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_write
 from imatrix.hashing import sha256_file
 from imatrix.llama_api import Model, load_model, tokenize
 

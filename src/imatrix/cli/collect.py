@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from imatrix.atomic import check_writable
 from imatrix.cli import add_verbosity
 from imatrix.constants import DEFAULT_OUTPUT
 from imatrix.errors import ImatrixError
@@ -29,7 +30,6 @@ from imatrix.formats import (
     FORMAT_DAT,
     FORMAT_GGUF,
     FORMATS,
-    check_writable,
     read_imatrix,
     write_imatrix,
 )
@@ -270,7 +270,7 @@ def _tokens_and_provenance(args: argparse.Namespace) -> tuple[np.ndarray, Proven
     from dataclasses import replace
 
     from imatrix.collect.plan import provenance_for
-    from imatrix.demo import sha256_file
+    from imatrix.hashing import sha256_file
     from imatrix.llama_api import load_model
     from imatrix.tokenize import (
         load_tokens,

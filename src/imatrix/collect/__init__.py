@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from imatrix import faults
+from imatrix.atomic import check_writable, remove_stale_temporaries
 from imatrix.collect.checkpoint import (
     KEY_CHECKPOINT_STATE,
     CorruptCheckpoint,
@@ -61,8 +62,6 @@ from imatrix.collect.termination import (
 from imatrix.formats import (
     FORMAT_DAT,
     FORMAT_GGUF,
-    check_writable,
-    remove_stale_temporaries,
     write_imatrix,
 )
 from imatrix.model import ImatrixData, Provenance

@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from imatrix.atomic import atomic_write
 from imatrix.constants import PROVENANCE_PREFIX
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_write, read_imatrix, to_gguf_bytes
+from imatrix.formats import read_imatrix, to_gguf_bytes
 from imatrix.gguf_io import read_gguf
 from imatrix.model import Entry, ImatrixData
 from imatrix.perplexity import Perplexity

@@ -6,8 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from imatrix.atomic import atomic_write
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from imatrix.formats import atomic_write
+from imatrix.atomic import atomic_write
 
 #: Style of the page: compact right-aligned tables.
 STYLE = (
