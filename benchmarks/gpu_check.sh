@@ -7,7 +7,7 @@
 # What the machine needs
 #   - an NVIDIA GPU (written for Hopper, sm_90; CUDA_ARCH=89 etc. for others) and its driver
 #   - nvcc (CUDA 12 or 13), CMake >= 3.21, ninja, a C/C++ compiler, tar
-#   - Python 3.12 with pip, numpy and pandas (CuPy is not needed by this check)
+#   - Python 3.12 with numpy and pandas (CuPy is not needed by this check; pip is not used)
 #   - no network: everything else comes in one directory made beforehand, elsewhere, by
 #     scripts/pack-llama-source.sh (about 5 MiB, at most 64 MiB): the trimmed
 #     llama-cpp-python sdist (llama.cpp source + the llama_cpp Python package), the wheels
@@ -44,9 +44,9 @@ CHUNKS="${CHUNKS:-16}"
 PYTHON="${PYTHON:-python3}"
 OURS_EXTRA="${OURS_EXTRA:-}"
 TOOLS=(llama-imatrix llama-quantize llama-perplexity)
-# module:wheel-name pairs installed from the bundle when the Python lacks the module
-MODULES=(gguf:gguf tqdm:tqdm yaml:PyYAML jinja2:Jinja2 markupsafe:MarkupSafe
-    diskcache:diskcache typing_extensions:typing-extensions)
+# module:wheel-file-prefix pairs unpacked from the bundle when the Python lacks the module
+MODULES=(gguf:gguf tqdm:tqdm yaml:pyyaml jinja2:jinja2 markupsafe:markupsafe
+    diskcache:diskcache typing_extensions:typing_extensions)
 SRC_NAME="llama-cpp-python-$VERSION-trimmed"
 T_RUN=1800 # seconds any single measured command may take
 
@@ -90,15 +90,15 @@ build() { # build BACKEND [cmake flags...]
 
 python_env() { # the bindings against $BIN, plus the wheels this Python lacks
     step "installing llama-cpp-python $VERSION against $BIN (no build)"
-    local site="$WORK/python" want=() pair
+    local site="$WORK/python" pair whl
+    mkdir -p "$site"
     for pair in "${MODULES[@]}"; do
-        "$PYTHON" -c "import ${pair%%:*}" 2>/dev/null || want+=("${pair#*:}")
+        PYTHONPATH="$site" "$PYTHON" -c "import ${pair%%:*}" 2>/dev/null && continue
+        whl=$(ls "$BUNDLE"/wheels/"${pair#*:}"-*.whl 2>/dev/null | head -1)
+        [ -n "$whl" ] || die "Python lacks ${pair%%:*} and $BUNDLE/wheels has no ${pair#*:} wheel"
+        # a wheel is a zip of the installed tree: unpacking it is installing it (no pip needed)
+        "$PYTHON" -m zipfile -e "$whl" "$site" || die "cannot unpack $whl"
     done
-    if [ "${#want[@]}" -gt 0 ] && [ ! -f "$site/.installed" ]; then
-        "$PYTHON" -m pip install --quiet --no-index --no-deps --find-links "$BUNDLE/wheels" \
-            --target "$site" "${want[@]}" || die "cannot install ${want[*]} from $BUNDLE/wheels"
-    fi
-    mkdir -p "$site" && touch "$site/.installed"
     rm -rf "$site/llama_cpp"
     cp -a "$SRC/llama_cpp" "$site/llama_cpp"
     mkdir -p "$site/llama_cpp/lib"
