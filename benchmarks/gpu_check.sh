@@ -6,7 +6,8 @@
 #
 # What the machine needs
 #   - an NVIDIA GPU (written for Hopper, sm_90; CUDA_ARCH=89 etc. for others) and its driver
-#   - nvcc (CUDA 12 or 13), CMake >= 3.21, ninja, a C/C++ compiler, tar
+#   - the CUDA toolkit (12 or 13) with nvcc and cuBLAS (cublas_v2.h, libcublas), CMake >= 3.21,
+#     ninja, a C/C++ compiler, tar
 #   - Python 3.12 with numpy and pandas (CuPy is not needed by this check; pip is not used)
 #   - no network: everything else comes in one directory made beforehand, elsewhere, by
 #     scripts/pack-llama-source.sh (about 5 MiB, at most 64 MiB): the trimmed

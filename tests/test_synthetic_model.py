@@ -118,7 +118,10 @@ def test_weights_are_finite_and_scaled(synthetic: tuple[Path, tuple[str, str, in
     assert np.isfinite(vals).all()
     # magnitudes within two octaves around 1/sqrt(fan-in), both signs, many values
     assert a.min() >= 0.1 / np.sqrt(fan_in) and a.max() <= 2.0 / np.sqrt(fan_in)
-    assert 0.4 < np.mean(vals > 0) < 0.6 and np.unique(bits).size > bits.size // 4
+    assert 0.4 < np.mean(vals > 0) < 0.6
+    # nearly every bit pattern the mask leaves random occurs (random, not constant data)
+    patterns = 2 ** bin(sm.BITS[dtype][2]).count("1")
+    assert np.unique(bits).size >= 0.9 * min(bits.size, patterns)
 
 
 @pytest.mark.parametrize(
