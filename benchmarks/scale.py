@@ -223,7 +223,7 @@ def merge_rows(args: argparse.Namespace, work: Path) -> list[Row]:
     same = folded.read_bytes() == merged.read_bytes()
     note = f"{rss / one:.1f}x one imatrix; output identical to combine's: {same}"
     rows.append(Row("streaming fold (prototype)", size, dt, rss, note))
-    stats = [sys.executable, "-m", "imatrix", "stats", merged, "--no-table"]
+    stats: list[str | Path] = [sys.executable, "-m", "imatrix", "stats", merged, "--no-table"]
     dt, rss, _ = measure([*stats, "--parquet", work / "stats"])
     rows.append(Row("imatrix stats --parquet", "merged", dt, rss))
     dt, rss, _ = measure([sys.executable, "-m", "imatrix", "check", merged])
