@@ -82,7 +82,9 @@ def measure(cmd: Sequence[str | Path], *, cwd: Path | None = None) -> tuple[floa
         tail = out.read().decode(errors="replace")[-3000:]
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cmd[0]} failed:\n{tail}")
-    return dt, ru.ru_maxrss / 1024, tail  # ru_maxrss is in KiB on Linux
+    rss = ru.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    log.info("... done in %.1f s, peak RSS %.0f MB", dt, rss)
+    return dt, rss, tail
 
 
 def _wait4(p: subprocess.Popen[bytes], timeout: float) -> tuple[int, int, resource.struct_rusage]:
