@@ -144,8 +144,8 @@ def collect_rows(args: argparse.Namespace, work: Path) -> list[Row]:
         common += ["--no-ppl"]
         ours = [sys.executable, "-m", "imatrix", "collect"]
         runs = {
-            "llama-imatrix": [bins / "llama-imatrix", *common, "-o", work / "ref.gguf"],
-            "imatrix collect": [*ours, *common, "-o", work / "ours.gguf"],
+            "llama-imatrix": [bins / "llama-imatrix", *common, "-o", work / f"ref-{arch}.gguf"],
+            "imatrix collect": [*ours, *common, "-o", work / f"ours-{arch}.gguf"],
         }
         for name, cmd in runs.items():
             dt, rss, _ = measure(cmd)
