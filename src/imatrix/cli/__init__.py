@@ -42,6 +42,14 @@ def add_verbosity(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
 
 
+def add_dat_chunk_size(p: argparse.ArgumentParser) -> None:
+    """``-c/--ctx-size`` of the subcommands that only read imatrices: the chunk size
+    of ``.dat`` inputs (they do not record it), as llama.cpp's ``-c``."""
+    p.add_argument(
+        "-c", "--ctx-size", type=int, default=None, help="chunk size for .dat inputs (default 512)"
+    )
+
+
 def check_ctx_size(ctx_size: int | None) -> None:
     """Refuse a ``-c/--ctx-size`` that is given but not positive (the chunk size of
     ``.dat`` inputs, which llama.cpp would divide by)."""

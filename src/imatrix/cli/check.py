@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imatrix.cli import add_verbosity
+from imatrix.cli import add_dat_chunk_size, add_verbosity, check_ctx_size
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix
 from imatrix.health import (
@@ -56,14 +56,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help=f"tokens an expert (or tensor) needs (default {DEFAULT_MIN_TOKENS})",
     )
     p.add_argument("-m", "--model", help="model GGUF: also report weights missing from the imatrix")
-    p.add_argument(
-        "-c", "--ctx-size", type=int, default=None, help="chunk size for .dat inputs (default 512)"
-    )
+    add_dat_chunk_size(p)
     add_verbosity(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_ctx_size(args.ctx_size)
     if args.min_tokens < 0:
         raise ImatrixError(f"--min-tokens must not be negative, got {args.min_tokens}")
     fail_on = [n for t in args.fail_on for n in _names(t)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imatrix.cli import add_verbosity, check_ctx_size
+from imatrix.cli import add_dat_chunk_size, add_verbosity, check_ctx_size
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix
 from imatrix.stats import compare_imatrices, render_comparison, write_comparison_parquet
@@ -20,9 +20,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("b", metavar="B", help="second imatrix (GGUF or .dat)")
     p.add_argument("--parquet", metavar="FILE", help="write the per-tensor comparison here")
     p.add_argument("--plot", metavar="FILE", help="write a PNG heat map here")
-    p.add_argument(
-        "-c", "--ctx-size", type=int, default=None, help="chunk size for .dat inputs (default 512)"
-    )
+    add_dat_chunk_size(p)
     add_verbosity(p)
     p.set_defaults(run=run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imatrix.cli import add_verbosity
+from imatrix.cli import add_dat_chunk_size, add_verbosity, check_ctx_size
 from imatrix.formats import describe, read_imatrix
 from imatrix.jsonout import dumps
 
@@ -14,12 +14,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("info", help="describe an imatrix file")
     p.add_argument("input", metavar="IN", help="imatrix file (GGUF or .dat)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="chunk size for .dat inputs")
+    add_dat_chunk_size(p)
     add_verbosity(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_ctx_size(args.ctx_size)
     data = read_imatrix(args.input, chunk_size=args.ctx_size, strict=False)
     info = describe(data, args.input)
     if args.json:

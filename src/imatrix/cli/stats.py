@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from imatrix.cli import add_verbosity, check_ctx_size
+from imatrix.cli import add_dat_chunk_size, add_verbosity, check_ctx_size
 from imatrix.formats import read_imatrix
 from imatrix.stats import DEFAULT_ECS_K, PLOTTABLE, compute_statistics, render_tables, write_parquet
 
@@ -42,9 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=DEFAULT_ECS_K,
         help=f"ECS scale K (default {DEFAULT_ECS_K:g})",
     )
-    p.add_argument(
-        "-c", "--ctx-size", type=int, default=None, help="chunk size for .dat inputs (default 512)"
-    )
+    add_dat_chunk_size(p)
     add_verbosity(p)
     p.set_defaults(run=run)
 
