@@ -229,7 +229,7 @@ def signal_when(cmd: list[str], trigger: Path, sig: int) -> subprocess.Completed
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=60)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -454,7 +454,7 @@ def sigterm_at(cmd: list[str], fault: str) -> subprocess.CompletedProcess[str]:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=60)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
