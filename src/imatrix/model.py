@@ -310,13 +310,15 @@ def combine(
         raise ImatrixError("nothing to combine")
     w = None if weights is None else normalize_weights(weights, n_known or len(weights))
     fold = _Fold(force)
-    for i, item in enumerate(items):
+    # no enumerate(): its reused result tuple would keep the previous input alive
+    for item in items:
+        i = fold.n
         if w is not None and i >= len(w):
             raise ImatrixError(f"{len(w)} weights given for more than {len(w)} inputs")
         src = sources[i] if sources is not None and i < len(sources) else f"input #{i + 1}"
         data = item if isinstance(item, ImatrixData) else item()
         fold.add(data, 1.0 if w is None else w[i], src)
-        del data  # before the next load, so two inputs are never held at once
+        del data, item  # before the next load: two inputs are never held at once
     if fold.n == 0:
         raise ImatrixError("nothing to combine")
     if w is not None and fold.n != len(w):
