@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imatrix.formats import FORMAT_GGUF, read_imatrix, write_imatrix
-from imatrix.model import combine
+from imatrix.model import ImatrixData, Provenance, combine
 
 
 def convert_imatrix(
@@ -23,9 +23,15 @@ def convert_imatrix(
     provenance is kept, minus the chunk a checkpoint had reached. ``chunk_size`` scales
     a legacy ``.dat`` input and sets the output's chunk size (default: from the input).
     """
-    data = read_imatrix(src, chunk_size=chunk_size)
-    out = combine([data], chunk_size=chunk_size, sources=[str(src)])
-    out.provenance = data.provenance
+    provenance: list[Provenance] = []
+
+    def load() -> ImatrixData:  # keeps only the provenance, so the input is not held twice
+        data = read_imatrix(src, chunk_size=chunk_size)
+        provenance.append(data.provenance)
+        return data
+
+    out = combine([load], chunk_size=chunk_size, sources=[str(src)])
+    out.provenance = provenance[0]
     out.provenance.chunk_reached = None
     write_imatrix(out, output, output_format=output_format, compat=compat)
     return Path(output)

@@ -12,7 +12,7 @@ see :func:`combine` and :mod:`imatrix.formats`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,8 +168,124 @@ def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [x / lo for x in w]
 
 
+#: One input to :func:`combine`: the data itself, or a zero-argument loader called
+#: only when the fold reaches it (so only one input is held at a time).
+CombineInput = ImatrixData | Callable[[], ImatrixData]
+
+
+class _Fold:
+    """The running total of :func:`combine`: float32 sums and float64 counts per tensor.
+
+    Why a fold: a merge of many shards must not hold them all. Adding one input at a
+    time into float32 accumulators, in input order, is exactly llama.cpp's arithmetic
+    (its ``float`` accumulators round after each addition), so the bytes do not change.
+    """
+
+    def __init__(self, force: bool) -> None:
+        self.force = force
+        self.n = 0
+        self.vals: dict[str, np.ndarray] = {}
+        self.sums: dict[str, np.ndarray | None] = {}
+        self.counts: dict[str, np.ndarray] = {}
+        self.shas: list[str] = []
+        self.sizes: list[int] = []
+        self.datasets: list[str] = []
+        self.dataset_sha256: list[str] = []
+        self.tokenizer: str | None = None
+
+    def add(self, data: ImatrixData, wi: float, src: str) -> None:
+        self._headers(data)
+        for name, e in data.entries.items():
+            self._add_entry(name, e, wi, src)
+        # a tensor missing from some input gets no activation sums: they would be partial
+        for name in self.sums:
+            if name not in data.entries:
+                self.sums[name] = None
+        self.n += 1
+
+    def _headers(self, data: ImatrixData) -> None:
+        sha = data.provenance.model_sha256
+        if sha and sha not in self.shas:
+            self.shas.append(sha)
+            if len(self.shas) > 1 and not self.force:
+                raise ImatrixError(
+                    "inputs come from different models (model sha256 "
+                    + ", ".join(sorted(s[:12] for s in self.shas))
+                    + "); pass --force to combine anyway"
+                )
+        if not data.is_legacy and data.chunk_size > 0:
+            self.sizes.append(data.chunk_size)
+        self.datasets.extend(data.datasets)
+        self.dataset_sha256.extend(data.provenance.dataset_sha256)
+        if self.tokenizer is None and data.provenance.tokenizer:
+            self.tokenizer = data.provenance.tokenizer
+
+    def _add_entry(self, name: str, e: Entry, wi: float, src: str) -> None:
+        vals = e.values.astype(np.float32)  # a fresh array: safe to keep as the total
+        sums = None if e.sums is None else e.sums.astype(np.float32)
+        counts = e.counts.copy()
+        if wi != 1.0:
+            vals = (vals * np.float32(wi)).astype(np.float32)
+            sums = None if sums is None else (sums * np.float32(wi)).astype(np.float32)
+            counts = counts * wi
+        if name not in self.vals:
+            self.vals[name] = vals
+            # a tensor first seen after the first input was missing from an earlier one
+            self.sums[name] = sums if self.n == 0 else None
+            self.counts[name] = counts
+            return
+        acc = self.vals[name]
+        if acc.size != vals.size:
+            raise ImatrixError(
+                f"{src}: tensor '{name}' has {vals.size} values, earlier inputs have {acc.size}"
+            )
+        n = max(self.counts[name].size, counts.size)
+        self.counts[name] = _broadcast_counts(self.counts[name], n, name, src) + (
+            _broadcast_counts(counts, n, name, src)
+        )
+        acc += vals
+        prev = self.sums[name]
+        if prev is not None and sums is not None:
+            prev += sums
+        else:
+            self.sums[name] = None
+
+    def result(self, chunk_size: int | None) -> ImatrixData:
+        """The combined data; the accumulators are released tensor by tensor."""
+        if chunk_size is None:
+            chunk_size = self.sizes[0] if self.sizes else DEFAULT_CHUNK_SIZE
+            if len(set(self.sizes)) > 1:
+                log.warning(
+                    "inputs have different chunk sizes %s; using %d",
+                    sorted(set(self.sizes)),
+                    chunk_size,
+                )
+        for name, acc in self.vals.items():
+            if acc.size % self.counts[name].size:
+                raise ImatrixError(
+                    f"tensor '{name}': values do not divide into counts after combining"
+                )
+        entries: dict[str, Entry] = {}
+        for name in list(self.vals):
+            vals = self.vals.pop(name)
+            entries[name] = Entry(vals.astype(np.float64), self.counts[name], self.sums.pop(name))
+            del vals
+        out = ImatrixData(
+            entries=entries,
+            datasets=self.datasets,
+            chunk_size=int(chunk_size),
+            provenance=Provenance(
+                model_sha256=self.shas[0] if len(self.shas) == 1 else None,
+                dataset_sha256=self.dataset_sha256,
+                tokenizer=self.tokenizer,
+            ),
+        )
+        out.chunk_count = out.derived_chunk_count()
+        return out
+
+
 def combine(
-    items: Sequence[ImatrixData],
+    items: Iterable[CombineInput],
     *,
     weights: Sequence[float] | None = None,
     chunk_size: int | None = None,
@@ -182,76 +298,29 @@ def combine(
     as llama.cpp's ``float`` accumulators do); counts add; a single count broadcasts
     over experts; datasets concatenate; the chunk count is ``max(count) // chunk_size``.
     A weight scales both the sums and the counts of its input. Inputs whose
-    provenance names different models are refused unless ``force``.
-    """
-    if not items:
-        raise ImatrixError("nothing to combine")
-    names = list(sources) if sources is not None else [f"input #{i + 1}" for i in range(len(items))]
-    w = normalize_weights(weights, len(items))
-    shas = {d.provenance.model_sha256 for d in items if d.provenance.model_sha256}
-    if len(shas) > 1 and not force:
-        raise ImatrixError(
-            "inputs come from different models (model sha256 "
-            + ", ".join(sorted(s[:12] for s in shas))
-            + "); pass --force to combine anyway"
-        )
-    if chunk_size is None:
-        sizes = [d.chunk_size for d in items if not d.is_legacy and d.chunk_size > 0]
-        chunk_size = sizes[0] if sizes else DEFAULT_CHUNK_SIZE
-        if len(set(sizes)) > 1:
-            log.warning(
-                "inputs have different chunk sizes %s; using %d", sorted(set(sizes)), chunk_size
-            )
+    provenance names different models are refused unless ``force``, as soon as the
+    second model appears.
 
-    acc_vals: dict[str, np.ndarray] = {}
-    acc_sums: dict[str, np.ndarray | None] = {}
-    acc_counts: dict[str, np.ndarray] = {}
-    for data, wi, src in zip(items, w, names, strict=True):
-        for name, e in data.entries.items():
-            vals = e.values.astype(np.float32)
-            sums = None if e.sums is None else e.sums.astype(np.float32)
-            counts = e.counts.copy()
-            if wi != 1.0:
-                vals = (vals * np.float32(wi)).astype(np.float32)
-                sums = None if sums is None else (sums * np.float32(wi)).astype(np.float32)
-                counts = counts * wi
-            if name not in acc_vals:
-                acc_vals[name] = vals.copy()
-                acc_sums[name] = None if sums is None else sums.copy()
-                acc_counts[name] = counts
-                continue
-            if acc_vals[name].size != vals.size:
-                raise ImatrixError(
-                    f"{src}: tensor '{name}' has {vals.size} values, "
-                    f"earlier inputs have {acc_vals[name].size}"
-                )
-            n = max(acc_counts[name].size, counts.size)
-            acc_counts[name] = _broadcast_counts(acc_counts[name], n, name, src) + (
-                _broadcast_counts(counts, n, name, src)
-            )
-            acc_vals[name] += vals
-            prev = acc_sums[name]
-            acc_sums[name] = None if prev is None or sums is None else prev + sums
-    for name in acc_vals:
-        if acc_vals[name].size % acc_counts[name].size:
-            raise ImatrixError(f"tensor '{name}': values do not divide into counts after combining")
-    # a tensor missing from some input gets no activation sums: they would be partial
-    for data in items:
-        for name in acc_sums:
-            if name not in data.entries:
-                acc_sums[name] = None
-    entries = {
-        n: Entry(acc_vals[n].astype(np.float64), acc_counts[n], acc_sums[n]) for n in acc_vals
-    }
-    out = ImatrixData(
-        entries=entries,
-        datasets=[ds for d in items for ds in d.datasets],
-        chunk_size=int(chunk_size),
-        provenance=Provenance(
-            model_sha256=next(iter(shas)) if len(shas) == 1 else None,
-            dataset_sha256=[s for d in items for s in d.provenance.dataset_sha256],
-            tokenizer=next((d.provenance.tokenizer for d in items if d.provenance.tokenizer), None),
-        ),
-    )
-    out.chunk_count = out.derived_chunk_count()
-    return out
+    ``items`` is consumed one at a time, and a loader (a zero-argument callable) is
+    called only when its turn comes, so memory stays at the running total plus one
+    input however many there are; pass loaders (or a generator) to get that.
+    """
+    n_known = len(items) if isinstance(items, Sized) else None
+    if n_known == 0:
+        raise ImatrixError("nothing to combine")
+    w = None if weights is None else normalize_weights(weights, n_known or len(weights))
+    fold = _Fold(force)
+    # no enumerate(): its reused result tuple would keep the previous input alive
+    for item in items:
+        i = fold.n
+        if w is not None and i >= len(w):
+            raise ImatrixError(f"{len(w)} weights given for more than {len(w)} inputs")
+        src = sources[i] if sources is not None and i < len(sources) else f"input #{i + 1}"
+        data = item if isinstance(item, ImatrixData) else item()
+        fold.add(data, 1.0 if w is None else w[i], src)
+        del data, item  # before the next load: two inputs are never held at once
+    if fold.n == 0:
+        raise ImatrixError("nothing to combine")
+    if w is not None and fold.n != len(w):
+        raise ImatrixError(f"{len(w)} weights given for {fold.n} inputs")
+    return fold.result(chunk_size)

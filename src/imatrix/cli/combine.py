@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 
 from imatrix.cli import add_verbosity, check_ctx_size
 from imatrix.errors import ImatrixError
@@ -57,7 +58,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     check_ctx_size(args.ctx_size)
     weights = parse_weights(args.weights)
-    items = [read_imatrix(p, chunk_size=args.ctx_size) for p in args.inputs]
+    # loaders, not data: the combine reads one input at a time
+    items = [partial(read_imatrix, p, chunk_size=args.ctx_size) for p in args.inputs]
     out = combine(
         items, weights=weights, chunk_size=args.ctx_size, force=args.force, sources=args.inputs
     )

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from imatrix.constants import (
+    DEFAULT_CHUNK_SIZE,
+    GENERAL_TYPE_IMATRIX,
+    KEY_CHUNK_SIZE,
+    KEY_DATASET_SHA256,
+    KEY_DATASETS,
+    KEY_GENERAL_TYPE,
+    KEY_MODEL_SHA256,
+    KEY_TOKENIZER,
+    KEY_VERSION,
+    SUFFIX_IN_SUM2,
+    GGUFValueType,
+)
 from imatrix.errors import ImatrixError
-from imatrix.formats import read_imatrix, write_imatrix
-from imatrix.model import ImatrixData, combine
+from imatrix.formats import FORMAT_GGUF, detect_format, read_imatrix, write_imatrix
+from imatrix.gguf_io import GGUFFile, read_gguf
+from imatrix.model import ImatrixData, Provenance, combine
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +37,56 @@ def _disagree(what: str, values: Mapping[str, object]) -> None:
     if len(by_value) > 1:
         detail = "; ".join(f"{v[:16]}: {', '.join(ps)}" for v, ps in by_value.items())
         raise ImatrixError(f"shards disagree on {what} ({detail})")
+
+
+#: A GGUF key's type and, for arrays, element type.
+_KeyType = tuple[GGUFValueType, GGUFValueType | None]
+
+
+def _plain_header(g: GGUFFile) -> bool:
+    """True when ``g`` looks like an imatrix whose header keys have the types we read."""
+    string: _KeyType = (GGUFValueType.STRING, None)
+    strings: _KeyType = (GGUFValueType.ARRAY, GGUFValueType.STRING)
+    uint = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64)
+    types: dict[str, list[_KeyType]] = {
+        KEY_DATASETS: [strings],
+        KEY_DATASET_SHA256: [strings],
+        KEY_MODEL_SHA256: [string],
+        KEY_TOKENIZER: [string],
+        KEY_VERSION: [string],
+        KEY_CHUNK_SIZE: [(t, None) for t in uint],
+    }
+    return (
+        g.get(KEY_GENERAL_TYPE) in (None, GENERAL_TYPE_IMATRIX)
+        and any(t.name.endswith(SUFFIX_IN_SUM2) for t in g.tensors)
+        and all(k not in g.kv or (g.kv[k].type, g.kv[k].elem_type) in ok for k, ok in types.items())
+    )
+
+
+def read_header(path: str) -> ImatrixData:
+    """A shard's datasets, chunk size and provenance, without its tensors.
+
+    Why: the provenance of every shard is checked before any is added, and the merge
+    then reads one shard at a time, so this must not load the data. Anything unusual
+    (a legacy file, a foreign or malformed GGUF) is read in full, so the error is the
+    reader's own.
+    """
+    if detect_format(path) == FORMAT_GGUF:
+        g = read_gguf(path, load_data=False)
+        if _plain_header(g):
+            return ImatrixData(
+                datasets=list(g.get(KEY_DATASETS, [])),
+                chunk_size=int(g.get(KEY_CHUNK_SIZE) or DEFAULT_CHUNK_SIZE),
+                provenance=Provenance(
+                    model_sha256=g.get(KEY_MODEL_SHA256),
+                    dataset_sha256=list(g.get(KEY_DATASET_SHA256, [])),
+                    tokenizer=g.get(KEY_TOKENIZER),
+                    version=g.get(KEY_VERSION),
+                ),
+            )
+    full = read_imatrix(path)
+    full.entries = {}
+    return full
 
 
 def _provenance_errors(
@@ -71,10 +136,14 @@ def merge_shards(
     """
     if len(shards) != len(datasets):
         raise ImatrixError(f"{len(shards)} shards but {len(datasets)} dataset names")
-    items = [read_imatrix(p) for p in shards]
+    items = [read_header(p) for p in shards]
     _provenance_errors(items, shards, datasets)
     w = weights or {}
-    out = combine(items, weights=[float(w.get(d, 1.0)) for d in datasets], sources=list(shards))
+    out = combine(
+        [partial(read_imatrix, p) for p in shards],  # one shard at a time
+        weights=[float(w.get(d, 1.0)) for d in datasets],
+        sources=list(shards),
+    )
     order = list(dict.fromkeys(datasets))
     out.datasets = order
     out.provenance.dataset_sha256 = [
