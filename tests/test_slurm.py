@@ -17,7 +17,13 @@ slurmctld's log of batch submissions:
   ``FAULT_HOOK``) is resubmitted by the profile's ``retries`` and then succeeds;
 - every output equals the local run's byte for byte (Snakemake's timing files aside).
 
-A second test runs the README's command for a config of one's own from a copy of the
+Two tests prove that a collect job resumes on SLURM from the checkpoint its failed
+attempt left (``ONCE_HOOK``: only the first collect process of a run is hurt): one
+SIGKILLed just after its first checkpoint (``IMATRIX_FAULT``), one stopped by Slurm's
+``--signal`` ahead of its time limit. The retry's log names the chunk it resumed from
+and the chunks it decoded, and the shard equals the local run's byte for byte.
+
+Another test runs the README's command for a config of one's own from a copy of the
 checkout (which has the demo's config/config.yaml): the job processes see the user's
 config alone, and with ``ngl: 0`` no job asks for a GPU.
 
@@ -44,6 +50,7 @@ import yaml
 from ci import skip_or_fail
 from test_workflow import load_config, make_workdir
 from test_workflow_user import USER_CONFIG, make_checkout, small_config
+from tinymodels import sample_text
 
 from imatrix.formats import read_imatrix
 
@@ -77,6 +84,46 @@ if _token and _rule and sys.argv and sys.argv[0].endswith("." + _rule + ".py"):
         sys.stderr.flush()
         os._exit(3)
 """
+
+#: Test-only hook for the resume tests, put on PYTHONPATH as sitecustomize.py: the first
+#: collect script process (see FAULT_HOOK) claims the token $IMATRIX_TEST_ONCE and only
+#: it gets IMATRIX_FAULT=$IMATRIX_TEST_ONCE_FAULT and/or sleeps
+#: $IMATRIX_TEST_ONCE_DELAY seconds after each group of chunks (the library's
+#: `collect.chunk` point), so that a tiny model's job lasts until its time limit. The
+#: retry finds no token and runs as a user's job does.
+ONCE_HOOK = """\
+import os
+import sys
+
+_token = os.environ.get("IMATRIX_TEST_ONCE")
+if _token and sys.argv and sys.argv[0].endswith(".collect.py"):
+    try:
+        os.rename(_token, _token + ".claimed")
+    except FileNotFoundError:
+        pass
+    else:
+        if os.environ.get("IMATRIX_TEST_ONCE_FAULT"):
+            os.environ["IMATRIX_FAULT"] = os.environ["IMATRIX_TEST_ONCE_FAULT"]
+        _delay = float(os.environ.get("IMATRIX_TEST_ONCE_DELAY", "0"))
+        if _delay > 0:
+            import time
+
+            from imatrix import faults
+
+            _point = faults.point
+
+            def _slow_point(name, path=None):
+                if name == "collect.chunk":
+                    time.sleep(_delay)
+                _point(name, path)
+
+            faults.point = _slow_point
+"""
+#: the one shard the resume tests collect (shards: 1)
+SHARD = "results/tiny/shards/alpha/0.gguf"
+SHARD_LOG = "logs/tiny/collect/alpha/0.log"
+_RESUMED = re.compile(r"resuming from \S+ at chunk (\d+)")
+_COMPUTING = re.compile(r"computing over (\d+) chunks \((\d+) to (\d+)\)")
 
 
 # --- the cluster ------------------------------------------------------------------------
@@ -369,3 +416,124 @@ def test_user_config_through_slurm_profile(
     assert all(r["JobState"] == "COMPLETED" for r in records), records
     # ngl: 0 everywhere: no job asks for a GPU, whatever the profile says about GPUs
     assert all(gpus_asked(r) == 0 for r in records), records
+
+
+# --- resume on SLURM --------------------------------------------------------------------
+
+
+def resume_config(chunks: int, n_ctx: int, output_frequency: int) -> dict:
+    """The test config cut to one dataset in one shard of ``chunks`` chunks."""
+    cfg = load_config()
+    cfg["datasets"] = {"alpha": dict(cfg["datasets"]["alpha"], chunks=chunks)}
+    cfg["collect"].update(
+        shards=1, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, output_frequency=output_frequency
+    )
+    return cfg
+
+
+def run_once_hurt(tmp_path: Path, workdir: Path, profile: Path, **hurt: str) -> str:
+    """Collect SHARD in ``workdir`` through ``profile`` with ONCE_HOOK armed by ``hurt``
+    (IMATRIX_TEST_ONCE_<KEY>=value); Snakemake's log. The token must be claimed."""
+    hook = tmp_path / "once-hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(ONCE_HOOK)
+    token = tmp_path / "once.token"
+    token.touch()
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    env["IMATRIX_TEST_ONCE"] = str(token)
+    env.update({f"IMATRIX_TEST_ONCE_{k.upper()}": v for k, v in hurt.items()})
+    log = snakemake(workdir, "--profile", str(profile), SHARD, env=env)
+    assert not token.exists(), "no collect job claimed the hook's token"
+    return log
+
+
+def retry_of(workdir: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The failed collect job and its completed retry, from the scheduler's records."""
+    records = scheduler_records(workdir)
+    assert len(records) == 2, records
+    failed, retry = sorted(records, key=lambda r: int(r["JobId"]))
+    assert failed["Comment"] == retry["Comment"] and failed["Comment"].startswith("rule_collect_")
+    assert failed["JobState"] == "FAILED" and retry["JobState"] == "COMPLETED", records
+    return failed, retry
+
+
+def _seconds(hms: str) -> int:
+    """Seconds of a Slurm duration ``[D-]HH:MM:SS``."""
+    days, _, rest = hms.rpartition("-")
+    h, m, s = (int(x) for x in rest.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
+def assert_resumed(workdir: Path, local_dir: Path, reached: int, last: int) -> None:
+    """The retry resumed at chunk ``reached`` and decoded only ``[reached, last)``; the
+    checkpoint is gone and the shard equals the local run's."""
+    log = (workdir / SHARD_LOG).read_text()
+    assert [int(c) for c in _RESUMED.findall(log)] == [reached], log
+    assert _COMPUTING.findall(log) == [(str(last - reached), str(reached), str(last))], log
+    assert not list((workdir / "results").rglob("*.checkpoint"))
+    assert (workdir / SHARD).read_bytes() == (local_dir / SHARD).read_bytes()
+
+
+def test_collect_resumes_after_kill_through_slurm(
+    cluster: Cluster, tmp_path: Path, dense_model: Path
+) -> None:
+    """Item: a collect job SIGKILLed just after its first checkpoint (chunk 2 of 6) is
+    resubmitted by the profile's retries and decodes only chunks 2 to 6."""
+    config = resume_config(chunks=6, n_ctx=128, output_frequency=2)
+    local_dir = make_workdir(tmp_path / "local", dense_model, config)
+    snakemake(local_dir, "-c1", SHARD, env=clean_env())
+    assert _COMPUTING.findall((local_dir / SHARD_LOG).read_text()) == [("6", "0", "6")]
+
+    workdir = make_workdir(tmp_path / "slurm", dense_model, config)
+    profile_copy(tmp_path / "profile", cluster)
+    log = run_once_hurt(tmp_path, workdir, tmp_path / "profile", fault="collect.checkpointed")
+    assert "Trying to restart job" in log
+    failed, _ = retry_of(workdir)
+    assert failed["ExitCode"] != "0:0", failed
+    assert_resumed(workdir, local_dir, reached=2, last=6)
+
+
+#: the time-limit test: Slurm's limit for the collect job (minutes), the lead time of
+#: its SIGTERM (seconds; slurmctld may send it up to 30 s earlier, its check interval),
+#: seconds the first attempt sleeps per chunk, and chunks (more than the attempt can do
+#: before the limit: 100 x 2 s > 120 s)
+LIMIT_MINUTES, SIGNAL_LEAD, CHUNK_DELAY, LIMIT_CHUNKS = 2, 30, 2.0, 100
+
+
+def test_collect_resumes_after_time_limit_through_slurm(
+    cluster: Cluster, tmp_path: Path, dense_model: Path
+) -> None:
+    """Item: a collect job that reaches its time limit gets the profile's SIGTERM ahead
+    of it, checkpoints (no periodic checkpoint is due: output_frequency exceeds the
+    chunks) and exits; the retry resumes there, not at chunk 0."""
+    config = resume_config(chunks=LIMIT_CHUNKS, n_ctx=64, output_frequency=10 * LIMIT_CHUNKS)
+    local_dir = make_workdir(tmp_path / "local", dense_model, config)
+    (local_dir / "data" / "alpha.txt").write_text(sample_text(20000, seed=3), encoding="utf-8")
+    snakemake(local_dir, "-c1", SHARD, env=clean_env())
+    full = [(str(LIMIT_CHUNKS), "0", str(LIMIT_CHUNKS))]
+    assert _COMPUTING.findall((local_dir / SHARD_LOG).read_text()) == full
+
+    workdir = make_workdir(tmp_path / "slurm", dense_model, config)
+    shutil.copyfile(local_dir / "data" / "alpha.txt", workdir / "data" / "alpha.txt")
+    profile = profile_copy(tmp_path / "profile", cluster)
+    collect = profile["set-resources"]["collect"]
+    assert "--signal=TERM@" in collect["slurm_extra"]  # the profile's own mechanism
+    collect["runtime"] = LIMIT_MINUTES
+    collect["slurm_extra"] = f"'--signal=TERM@{SIGNAL_LEAD}'"
+    (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    log = run_once_hurt(tmp_path, workdir, tmp_path / "profile", delay=str(CHUNK_DELAY))
+
+    failed, _ = retry_of(workdir)
+    assert failed["TimeLimit"] == f"00:0{LIMIT_MINUTES}:00", failed
+    # the first attempt saved its work on SIGTERM (its log, shown by show-failed-logs
+    # before the retry overwrote it) ...
+    m = re.search(r"terminated by SIGTERM after chunk (\d+)", log)
+    assert m is not None, log[-5000:]
+    reached = int(m.group(1))
+    assert 0 < reached < LIMIT_CHUNKS
+    # ... ahead of the limit: the job ended on its own, not killed at the limit
+    assert failed["JobState"] == "FAILED" and failed["ExitCode"] != "0:0", failed
+    assert _seconds(failed["RunTime"]) < 60 * LIMIT_MINUTES, failed
+    # ... and the retry went on from there
+    assert_resumed(workdir, local_dir, reached=reached, last=LIMIT_CHUNKS)
