@@ -31,6 +31,7 @@ _SUBCOMMANDS = (
     "evaluate",
     "collect",
     "tokenize",
+    "plan",
 )
 
 

@@ -1,0 +1,396 @@
+"""``imatrix plan``: the per-tensor type mix with the least predicted KLD for a file size.
+
+Why these steps (docs/plan.md has the method and its reasoning): the tensors and
+their candidate types follow llama.cpp's own rules (:mod:`imatrix.plan_tensors`); the
+budget and the stock mix come from llama.cpp's dry run (:mod:`imatrix.plan_budget`,
+:mod:`imatrix.plan_stock`) and the exact file-size model (:mod:`imatrix.plan_size`);
+per tensor and type an error measured with ggml's kernels (:mod:`imatrix.plan_error`)
+becomes predicted KLD through calibrated per-group sensitivities
+(:mod:`imatrix.plan_calibrate`); the allocation (:mod:`imatrix.plan_alloc`) picks the
+mix; before anything is written, llama.cpp's dry run of the recipe must give every
+tensor its planned type without a fallback. Estimates and sensitivities are cached
+(:mod:`imatrix.plan_cache`), so another budget for the same model takes seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+
+from imatrix.demo import sha256_file
+from imatrix.errors import ImatrixError
+from imatrix.plan_alloc import Option, allocate
+from imatrix.plan_budget import Budget, resolve, stock_dry_run
+from imatrix.plan_cache import KIND_ERROR, KIND_SENSITIVITY, PlanCache, cache_key
+from imatrix.plan_calibrate import CalibrationSettings
+from imatrix.plan_error import DEFAULT_SAMPLE_ELEMENTS
+from imatrix.plan_recipe import recipe_entries, sidecar_path, write_recipe
+from imatrix.plan_size import SizeModel, padded_bytes, size_model
+from imatrix.plan_tensors import (
+    DEFAULT_CANDIDATES,
+    SOURCE_TYPES,
+    PlanTensor,
+    allows_quantization,
+    eligible,
+    tensor_group,
+)
+from imatrix.qtypes import parse_ggml_type
+from imatrix.quantize import PreparedImatrix, prepare_imatrix
+
+__all__ = ["Budget", "PlanOptions", "PlanResult", "plan"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Everything but the model, imatrix, budget and output."""
+
+    types: Sequence[str] = DEFAULT_CANDIDATES
+    calibration_texts: Sequence[str] = ()
+    eval_texts: Sequence[str] = ()
+    quant_output: str | None = None
+    cache: str | None = None
+    jobs: int = 1
+    sample_elements: int = DEFAULT_SAMPLE_ELEMENTS
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+
+
+@dataclass
+class PlanResult:
+    types: dict[str, int]
+    predicted_size: int
+    predicted_kld: float
+    sidecar: dict[str, Any]
+
+
+def _candidates(names: Sequence[str]) -> list[int]:
+    out: list[int] = []
+    for n in names:
+        tid = parse_ggml_type(n, "candidate type in --types")
+        q = GGMLQuantizationType(tid)
+        if q in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            raise ImatrixError(f"candidate type '{n}' in --types is not a quantized type")
+        if tid not in out:
+            out.append(tid)
+    return out
+
+
+def _means_size(t_ne: tuple[int, ...]) -> int:
+    return t_ne[0] * (t_ne[2] if len(t_ne) > 2 else 1)
+
+
+def load_tensors(reader: GGUFReader, path: str, imx: PreparedImatrix) -> list[PlanTensor]:
+    """The tensors llama-quantize quantizes, checked against the imatrix."""
+    names = {t.name for t in reader.tensors}
+    extra = sorted(set(imx.means) - names)
+    if extra:
+        raise ImatrixError(
+            f"{imx.path}: has {len(extra)} entries for tensors {path} lacks (e.g. "
+            f"'{extra[0]}'); an imatrix of another model?"
+        )
+    out = []
+    for rt in sorted(reader.tensors, key=lambda t: t.name):
+        ne = tuple(int(d) for d in rt.shape)
+        if not allows_quantization(rt.name, ne):
+            continue
+        src = GGMLQuantizationType(int(rt.tensor_type))
+        if src not in SOURCE_TYPES:
+            raise ImatrixError(f"{path}: tensor '{rt.name}' is {src.name}; plan needs F32/F16/BF16")
+        m = imx.means.get(rt.name)
+        if m is not None and m.size != _means_size(ne) and rt.name != "token_embd.weight":
+            raise ImatrixError(
+                f"{imx.path}: entry '{rt.name}' has {m.size} values, the tensor needs "
+                f"{_means_size(ne)}; an imatrix of another model?"
+            )
+        has = m is not None and m.size == _means_size(ne)
+        out.append(PlanTensor(rt.name, ne, src, tensor_group(rt.name), has))
+    if not out:
+        raise ImatrixError(f"{path}: no tensor llama-quantize would quantize")
+    return out
+
+
+def options_for(
+    tensors: Sequence[PlanTensor], cands: Sequence[int], stock: Mapping[str, GGMLQuantizationType]
+) -> dict[str, list[int]]:
+    """Per tensor: its eligible candidates plus its stock type (F16 if none fits)."""
+    used = {q: False for q in cands}
+    out: dict[str, list[int]] = {}
+    for t in tensors:
+        opts = [q for q in cands if eligible(t, GGMLQuantizationType(q))]
+        for q in opts:
+            used[q] = True
+        s = stock.get(t.name)
+        if s is not None and int(s) not in opts:
+            opts.append(int(s))
+        out[t.name] = opts or [int(GGMLQuantizationType.F16)]
+    unused = [GGMLQuantizationType(q).name for q, u in used.items() if not u]
+    if unused:
+        raise ImatrixError(
+            f"no tensor accepts candidate type(s) {', '.join(unused)} (block size does "
+            "not divide any row, or they need importance data the imatrix lacks)"
+        )
+    return out
+
+
+def _readers(reader: GGUFReader) -> dict[str, Any]:
+    return {t.name: t for t in reader.tensors}
+
+
+def estimate(
+    tensors: Sequence[PlanTensor],
+    reader: GGUFReader,
+    opts: Mapping[str, Sequence[int]],
+    imx: PreparedImatrix,
+    cache: PlanCache,
+    key: str,
+    po: PlanOptions,
+) -> dict[str, dict[int, float]]:
+    """Errors of every (tensor, option), computing only what the cache lacks."""
+    from imatrix.plan_error import all_errors
+
+    have = cache.values(key, KIND_ERROR)
+    name_of = {int(q): q.name for q in GGMLQuantizationType}
+    need = {t.name: [q for q in opts[t.name] if (t.name, name_of[q]) not in have] for t in tensors}
+    todo = [t for t in tensors if need[t.name]]
+    if todo:
+        fresh = all_errors(todo, _readers(reader), need, imx.means, po.sample_elements, po.jobs)
+        cache.update(
+            key,
+            KIND_ERROR,
+            {(n, name_of[q]): e for n, d in fresh.items() for q, e in d.items()},
+        )
+        cache.save()
+        have = cache.values(key, KIND_ERROR)
+    return {t.name: {q: have[(t.name, name_of[q])] for q in opts[t.name]} for t in tensors}
+
+
+def _check_not_eval(texts: Sequence[str], eval_texts: Sequence[str]) -> None:
+    held_out = {sha256_file(p): p for p in eval_texts}
+    for p in texts:
+        h = sha256_file(p)
+        if h in held_out:
+            raise ImatrixError(
+                f"{p}: calibration text is the evaluation text {held_out[h]} (same sha256); "
+                "calibrating on held-out text would flatter the plan"
+            )
+
+
+def default_calibration_texts(imx: PreparedImatrix) -> list[str]:
+    """The imatrix's datasets (llama-imatrix records the text files it read)."""
+    found = [d for d in imx.datasets if Path(d).is_file()]
+    if not found:
+        raise ImatrixError(
+            f"{imx.path}: its datasets ({', '.join(imx.datasets) or 'none recorded'}) are "
+            "not readable files here; give --calibration-text"
+        )
+    return found
+
+
+def calibration_text(texts: Sequence[str], workdir: Path) -> str:
+    """One text file (the texts concatenated when several)."""
+    if len(texts) == 1:
+        return texts[0]
+    p = workdir / "calibration.txt"
+    p.write_text("\n".join(Path(t).read_text(encoding="utf-8") for t in texts), encoding="utf-8")
+    return str(p)
+
+
+def sensitivities(
+    base: str,
+    imatrix: str,
+    tensors: Sequence[PlanTensor],
+    errors: Mapping[str, Mapping[int, float]],
+    cache: PlanCache,
+    key: str,
+    po: PlanOptions,
+    imx: PreparedImatrix,
+) -> dict[str, float]:
+    """Calibrated sensitivities (cached per calibration text and settings)."""
+    import tempfile
+
+    from imatrix import plan_calibrate as pc
+
+    texts = list(po.calibration_texts) or default_calibration_texts(imx)
+    _check_not_eval(texts, po.eval_texts)
+    s = po.calibration
+    ckey = cache_key(est=key, texts=[sha256_file(t) for t in texts], n_ctx=s.n_ctx, chunks=s.chunks)
+    have = cache.values(ckey, KIND_SENSITIVITY)
+    groups = sorted({t.group for t in tensors})
+    if all((g, "") in have for g in groups):
+        return {g: have[(g, "")] for g in groups}
+    ref, probes = pc.probe_recipes(tensors, errors)
+    with tempfile.TemporaryDirectory(prefix="imatrix-plan-text-") as tmp:
+        text = calibration_text(texts, Path(tmp))
+        kld = pc.measure(base, imatrix, "Q8_0", {"reference": ref, **probes}, text, s)
+    sens = pc.sensitivities(tensors, errors, ref, probes, kld)
+    log.info("calibration: KLD %s; sensitivities %s", kld, sens)
+    cache.update(ckey, KIND_SENSITIVITY, {(g, ""): v for g, v in sens.items()})
+    cache.save()
+    return sens
+
+
+def _option_table(
+    tensors: Sequence[PlanTensor],
+    errors: Mapping[str, Mapping[int, float]],
+    sens: Mapping[str, float],
+) -> dict[str, list[Option]]:
+    return {
+        t.name: [
+            Option(q, padded_bytes(t, q), sens[t.group] * e)
+            for q, e in sorted(errors[t.name].items())
+        ]
+        for t in tensors
+    }
+
+
+def predicted_kld(
+    tensors: Sequence[PlanTensor],
+    errors: Mapping[str, Mapping[int, float]],
+    sens: Mapping[str, float],
+    types: Mapping[str, int],
+) -> float:
+    """The additive model's KLD of a recipe (see :mod:`imatrix.plan_calibrate`)."""
+    return float(sum(sens[t.group] * errors[t.name][types[t.name]] for t in tensors))
+
+
+def verify(base: str, ftype: str, imx: PreparedImatrix, types: Mapping[str, int]) -> None:
+    """llama.cpp's dry run of the recipe gives each tensor its type, with no fallback."""
+    from imatrix.plan_stock import dry_run
+    from imatrix.quantize import parse_tensor_type
+
+    got, fallbacks = dry_run(
+        base, ftype, imx, [parse_tensor_type(e) for e in recipe_entries(types)]
+    )
+    wrong = sorted(n for n, q in types.items() if int(got.get(n, -1)) != q)
+    if wrong or fallbacks:
+        raise ImatrixError(
+            f"{base}: llama.cpp's dry run of the recipe disagrees with the plan "
+            f"({len(wrong)} tensor(s), e.g. {wrong[:1]}; {fallbacks} fallback line(s))"
+        )
+
+
+def _sidecar(ctx: dict[str, Any]) -> dict[str, Any]:
+    return {k: ctx[k] for k in sorted(ctx)}
+
+
+def plan(
+    base: str | os.PathLike[str],
+    imatrix: str | os.PathLike[str],
+    budget: Budget,
+    output: str | os.PathLike[str],
+    options: PlanOptions | None = None,
+) -> PlanResult:
+    """Plan a recipe for ``base`` under ``budget`` and write it to ``output`` (+ ``.json``).
+
+    Nothing is written when the plan fails (:class:`ImatrixError`), except the estimate
+    cache. ``imatrix`` is recorded as given: the invocation in the sidecar uses the same
+    string, and the predicted size holds for it.
+    """
+    po = options or PlanOptions()
+    budget.check()
+    base_s, imx_s, out_s = os.fspath(base), os.fspath(imatrix), os.fspath(output)
+    if not Path(base_s).is_file():
+        raise ImatrixError(f"{base_s}: no such model file")
+    cands = _candidates(po.types)
+    imx = prepare_imatrix(imx_s)
+    if not imx.means:
+        raise ImatrixError(f"{imx_s}: the imatrix has no entries")
+    reader = GGUFReader(base_s)
+    tensors = load_tensors(reader, base_s, imx)
+    sm = size_model(reader, base_s, tensors, imx.kv_overrides())
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    res = resolve(budget, n_params, stock_dry_run(base_s, imx), lambda st: _size(sm, tensors, st))
+    opts = options_for(tensors, cands, res.stock)
+    key = cache_key(
+        model=sha256_file(base_s), imatrix=sha256_file(imx_s), sample=po.sample_elements
+    )
+    cache = PlanCache.load(po.cache or Path(out_s).parent / "estimates.parquet")
+    errors = estimate(tensors, reader, opts, imx, cache, key, po)
+    sens = sensitivities(base_s, imx_s, tensors, errors, cache, key, po, imx)
+    pick = allocate(_option_table(tensors, errors, sens), res.bytes - sm.meta - sm.fixed)
+    types = {n: o.qtype for n, o in pick.items()}
+    verify(base_s, res.ftype, imx, types)
+    size = sm.file_size(tensors, types)
+    kld = predicted_kld(tensors, errors, sens, types)
+    stock_types = {t.name: int(res.stock[t.name]) for t in tensors}
+    car = _sidecar(
+        {
+            "model": base_s,
+            "model_sha256": sha256_file(base_s),
+            "imatrix": imx_s,
+            "imatrix_sha256": sha256_file(imx_s),
+            "budget": {**budget.describe(), "bytes": res.bytes},
+            "ftype": res.ftype,
+            "stock": {
+                "type": res.ftype,
+                "size": res.stock_size,
+                "predicted_kld": predicted_kld(tensors, errors, sens, stock_types),
+            },
+            "invocation": _invocation(base_s, imx_s, out_s, res.ftype, po),
+            "predicted_size": size,
+            "predicted_kld": kld,
+            "n_params": n_params,
+            "sensitivities": dict(sorted(sens.items())),
+            "types": _histogram(types),
+            "calibration": {"n_ctx": po.calibration.n_ctx, "chunks": po.calibration.chunks},
+            "sample_elements": po.sample_elements,
+        }
+    )
+    if size > res.bytes:  # the allocation guarantees this; a failure is a bug
+        raise ImatrixError(f"internal error: planned {size} bytes exceed the budget {res.bytes}")
+    write_recipe(out_s, types, car)
+    log.info("wrote %s and %s: %d bytes, predicted KLD %.5f", out_s, sidecar_path(out_s), size, kld)
+    return PlanResult(types, size, kld, car)
+
+
+def _size(sm: SizeModel, tensors: Sequence[PlanTensor], stock: Mapping[str, Any]) -> int:
+    return sm.file_size(tensors, {t.name: int(stock[t.name]) for t in tensors})
+
+
+def _histogram(types: Mapping[str, int]) -> dict[str, int]:
+    names, counts = np.unique(
+        [GGMLQuantizationType(q).name for q in types.values()], return_counts=True
+    )
+    return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+
+
+def default_quant_output(recipe: str) -> str:
+    p = Path(recipe)
+    return str(p.with_name(p.stem + ".gguf"))
+
+
+def _invocation(
+    base: str, imx: str, recipe: str, ftype: str, po: PlanOptions
+) -> dict[str, list[str]]:
+    out = po.quant_output or default_quant_output(recipe)
+    return {
+        "llama-quantize": [
+            "llama-quantize",
+            "--imatrix",
+            imx,
+            "--tensor-type-file",
+            recipe,
+            base,
+            out,
+            ftype,
+        ],
+        "imatrix": [
+            "imatrix",
+            "quantize",
+            base,
+            out,
+            ftype,
+            "--imatrix",
+            imx,
+            "--tensor-type-file",
+            recipe,
+        ],
+    }
