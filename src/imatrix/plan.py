@@ -121,23 +121,28 @@ def options_for(
     tensors: Sequence[PlanTensor], cands: Sequence[int], stock: Mapping[str, GGMLQuantizationType]
 ) -> dict[str, list[int]]:
     """Per tensor: its eligible candidates plus its stock type (F16 if none fits)."""
-    used = {q: False for q in cands}
     out: dict[str, list[int]] = {}
     for t in tensors:
         opts = [q for q in cands if eligible(t, GGMLQuantizationType(q))]
-        for q in opts:
-            used[q] = True
         s = stock.get(t.name)
         if s is not None and int(s) not in opts:
             opts.append(int(s))
         out[t.name] = opts or [int(GGMLQuantizationType.F16)]
-    unused = [GGMLQuantizationType(q).name for q, u in used.items() if not u]
+    return out
+
+
+def check_candidates(tensors: Sequence[PlanTensor], cands: Sequence[int]) -> None:
+    """Refuse candidate types that no tensor can take."""
+    unused = [
+        GGMLQuantizationType(q).name
+        for q in cands
+        if not any(eligible(t, GGMLQuantizationType(q)) for t in tensors)
+    ]
     if unused:
         raise ImatrixError(
             f"no tensor accepts candidate type(s) {', '.join(unused)} (block size does "
             "not divide any row, or they need importance data the imatrix lacks)"
         )
-    return out
 
 
 def _readers(reader: GGUFReader) -> dict[str, Any]:
@@ -305,6 +310,7 @@ def plan(
         raise ImatrixError(f"{imx_s}: the imatrix has no entries")
     reader = GGUFReader(base_s)
     tensors = load_tensors(reader, base_s, imx)
+    check_candidates(tensors, cands)
     sm = size_model(reader, base_s, tensors, imx.kv_overrides())
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     res = resolve(budget, n_params, stock_dry_run(base_s, imx), lambda st: _size(sm, tensors, st))
