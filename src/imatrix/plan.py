@@ -282,8 +282,51 @@ def verify(base: str, ftype: str, imx: PreparedImatrix, types: Mapping[str, int]
         )
 
 
-def _sidecar(ctx: dict[str, Any]) -> dict[str, Any]:
-    return {k: ctx[k] for k in sorted(ctx)}
+@dataclass
+class Planning:
+    """A model and imatrix opened for planning."""
+
+    base: str
+    imatrix: str
+    imx: PreparedImatrix
+    reader: GGUFReader
+    tensors: list[PlanTensor]
+    sizes: SizeModel
+    n_params: int
+    model_sha256: str
+    imatrix_sha256: str
+
+
+def open_planning(
+    base: str | os.PathLike[str], imatrix: str | os.PathLike[str], po: PlanOptions
+) -> Planning:
+    """Read the model's tensor list and the imatrix, and check that they belong together."""
+    base_s, imx_s = os.fspath(base), os.fspath(imatrix)
+    if not Path(base_s).is_file():
+        raise ImatrixError(f"{base_s}: no such model file")
+    cands = _candidates(po.types)
+    imx = prepare_imatrix(imx_s)
+    if not imx.means:
+        raise ImatrixError(f"{imx_s}: the imatrix has no entries")
+    reader = GGUFReader(base_s)
+    tensors = load_tensors(reader, base_s, imx)
+    check_candidates(tensors, cands)
+    sm = size_model(reader, base_s, tensors, imx.kv_overrides())
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    return Planning(
+        base_s, imx_s, imx, reader, tensors, sm, n_params, sha256_file(base_s), sha256_file(imx_s)
+    )
+
+
+def costs(
+    p: Planning, opts: Mapping[str, Sequence[int]], po: PlanOptions, cache_path: str | Path
+) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+    """Errors per (tensor, option) and the calibrated sensitivities, through the cache."""
+    key = cache_key(model=p.model_sha256, imatrix=p.imatrix_sha256, sample=po.sample_elements)
+    cache = PlanCache.load(cache_path)
+    errors = estimate(p.tensors, p.reader, opts, p.imx, cache, key, po)
+    sens = sensitivities(p.base, p.imatrix, p.tensors, errors, cache, key, po, p.imx)
+    return errors, sens
 
 
 def plan(
@@ -301,57 +344,47 @@ def plan(
     """
     po = options or PlanOptions()
     budget.check()
-    base_s, imx_s, out_s = os.fspath(base), os.fspath(imatrix), os.fspath(output)
-    if not Path(base_s).is_file():
-        raise ImatrixError(f"{base_s}: no such model file")
-    cands = _candidates(po.types)
-    imx = prepare_imatrix(imx_s)
-    if not imx.means:
-        raise ImatrixError(f"{imx_s}: the imatrix has no entries")
-    reader = GGUFReader(base_s)
-    tensors = load_tensors(reader, base_s, imx)
-    check_candidates(tensors, cands)
-    sm = size_model(reader, base_s, tensors, imx.kv_overrides())
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
-    res = resolve(budget, n_params, stock_dry_run(base_s, imx), lambda st: _size(sm, tensors, st))
-    opts = options_for(tensors, cands, res.stock)
-    key = cache_key(
-        model=sha256_file(base_s), imatrix=sha256_file(imx_s), sample=po.sample_elements
+    out_s = os.fspath(output)
+    parent = Path(out_s).parent
+    if not parent.is_dir():
+        raise ImatrixError(f"{out_s}: output directory {parent} does not exist")
+    p = open_planning(base, imatrix, po)
+    res = resolve(
+        budget, p.n_params, stock_dry_run(p.base, p.imx), lambda st: _size(p.sizes, p.tensors, st)
     )
-    cache = PlanCache.load(po.cache or Path(out_s).parent / "estimates.parquet")
-    errors = estimate(tensors, reader, opts, imx, cache, key, po)
-    sens = sensitivities(base_s, imx_s, tensors, errors, cache, key, po, imx)
-    pick = allocate(_option_table(tensors, errors, sens), res.bytes - sm.meta - sm.fixed)
+    opts = options_for(p.tensors, _candidates(po.types), res.stock)
+    errors, sens = costs(p, opts, po, po.cache or Path(out_s).parent / "estimates.parquet")
+    pick = allocate(
+        _option_table(p.tensors, errors, sens), res.bytes - p.sizes.meta - p.sizes.fixed
+    )
     types = {n: o.qtype for n, o in pick.items()}
-    verify(base_s, res.ftype, imx, types)
-    size = sm.file_size(tensors, types)
-    kld = predicted_kld(tensors, errors, sens, types)
-    stock_types = {t.name: int(res.stock[t.name]) for t in tensors}
-    car = _sidecar(
-        {
-            "model": base_s,
-            "model_sha256": sha256_file(base_s),
-            "imatrix": imx_s,
-            "imatrix_sha256": sha256_file(imx_s),
-            "budget": {**budget.describe(), "bytes": res.bytes},
-            "ftype": res.ftype,
-            "stock": {
-                "type": res.ftype,
-                "size": res.stock_size,
-                "predicted_kld": predicted_kld(tensors, errors, sens, stock_types),
-            },
-            "invocation": _invocation(base_s, imx_s, out_s, res.ftype, po),
-            "predicted_size": size,
-            "predicted_kld": kld,
-            "n_params": n_params,
-            "sensitivities": dict(sorted(sens.items())),
-            "types": _histogram(types),
-            "calibration": {"n_ctx": po.calibration.n_ctx, "chunks": po.calibration.chunks},
-            "sample_elements": po.sample_elements,
-        }
-    )
+    verify(p.base, res.ftype, p.imx, types)
+    size = p.sizes.file_size(p.tensors, types)
     if size > res.bytes:  # the allocation guarantees this; a failure is a bug
         raise ImatrixError(f"internal error: planned {size} bytes exceed the budget {res.bytes}")
+    kld = predicted_kld(p.tensors, errors, sens, types)
+    stock_types = {t.name: int(res.stock[t.name]) for t in p.tensors}
+    car = {
+        "model": p.base,
+        "model_sha256": p.model_sha256,
+        "imatrix": p.imatrix,
+        "imatrix_sha256": p.imatrix_sha256,
+        "budget": {**budget.describe(), "bytes": res.bytes},
+        "ftype": res.ftype,
+        "stock": {
+            "type": res.ftype,
+            "size": res.stock_size,
+            "predicted_kld": predicted_kld(p.tensors, errors, sens, stock_types),
+        },
+        "invocation": _invocation(p.base, p.imatrix, out_s, res.ftype, po),
+        "predicted_size": size,
+        "predicted_kld": kld,
+        "n_params": p.n_params,
+        "sensitivities": dict(sorted(sens.items())),
+        "types": _histogram(types),
+        "calibration": {"n_ctx": po.calibration.n_ctx, "chunks": po.calibration.chunks},
+        "sample_elements": po.sample_elements,
+    }
     write_recipe(out_s, types, car)
     log.info("wrote %s and %s: %d bytes, predicted KLD %.5f", out_s, sidecar_path(out_s), size, kld)
     return PlanResult(types, size, kld, car)
