@@ -145,6 +145,18 @@ def check_candidates(tensors: Sequence[PlanTensor], cands: Sequence[int]) -> Non
         )
 
 
+def check_budget(p: Planning, opts: Mapping[str, Sequence[int]], budget: int) -> None:
+    """Refuse a budget below the smallest file the candidates can make (before any work)."""
+    smallest = p.sizes.file_size(
+        p.tensors, {t.name: min(opts[t.name], key=lambda q: padded_bytes(t, q)) for t in p.tensors}
+    )
+    if smallest > budget:
+        raise ImatrixError(
+            f"budget of {budget} bytes is below the smallest file the candidate types can "
+            f"make of {p.base} ({smallest} bytes)"
+        )
+
+
 def _readers(reader: GGUFReader) -> dict[str, Any]:
     return {t.name: t for t in reader.tensors}
 
@@ -353,6 +365,7 @@ def plan(
         budget, p.n_params, stock_dry_run(p.base, p.imx), lambda st: _size(p.sizes, p.tensors, st)
     )
     opts = options_for(p.tensors, _candidates(po.types), res.stock)
+    check_budget(p, opts, res.bytes)
     errors, sens = costs(p, opts, po, po.cache or Path(out_s).parent / "estimates.parquet")
     pick = allocate(
         _option_table(p.tensors, errors, sens), res.bytes - p.sizes.meta - p.sizes.fixed
