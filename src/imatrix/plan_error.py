@@ -19,6 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, ReaderTensor
@@ -50,8 +51,8 @@ class _Traits(ctypes.Structure):
 
 @dataclass(frozen=True)
 class _Kernels:
-    quantize_chunk: ctypes._CFuncPtr
-    traits: ctypes._CFuncPtr
+    quantize_chunk: Any  # ctypes function pointers
+    traits: Any
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,8 +113,10 @@ def read_rows(rt: ReaderTensor, t: PlanTensor, idx: np.ndarray) -> np.ndarray:
     src = np.asarray(rt.data)
     if t.src_type == GGMLQuantizationType.BF16:
         raw = src.reshape(-1).view(np.uint16).reshape(-1, t.n_per_row)[idx]
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return src.reshape(-1, t.n_per_row)[idx].astype(np.float32)
+        out: np.ndarray = (raw.astype(np.uint32) << 16).view(np.float32)
+        return out
+    rows: np.ndarray = src.reshape(-1, t.n_per_row)[idx].astype(np.float32)
+    return rows
 
 
 def row_error(
