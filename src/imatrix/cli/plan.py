@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from imatrix.cli import add_verbosity
 
@@ -44,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--calibration-chunks", type=int, default=6, metavar="N", help="chunks")
     p.add_argument("--quant-output", metavar="GGUF", help="output path in the recorded invocation")
     p.add_argument("--cache", metavar="PARQUET", help="estimate cache (default: beside RECIPE)")
-    p.add_argument("-j", "--jobs", type=int, default=1, help="tensors estimated in parallel")
+    p.add_argument(
+        "-j", "--jobs", type=int, default=None, help="tensors estimated in parallel (default: CPUs)"
+    )
     p.add_argument("-t", "--threads", type=int, default=None, help="threads for calibration")
     p.add_argument(
         "--sample-elements",
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         eval_texts=tuple(args.eval_text),
         quant_output=args.quant_output,
         cache=args.cache,
-        jobs=max(1, args.jobs),
+        jobs=max(1, args.jobs or len(os.sched_getaffinity(0))),
         sample_elements=args.sample_elements or DEFAULT_SAMPLE_ELEMENTS,
         calibration=CalibrationSettings(
             n_ctx=args.calibration_ctx, chunks=args.calibration_chunks, threads=args.threads
