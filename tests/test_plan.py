@@ -306,3 +306,36 @@ def test_second_budget_uses_the_cache(planned, tmp_path: Path, calib_text2: Path
     car2 = json.loads(Path(f"{other}.json").read_text())
     assert car2["predicted_size"] <= car2["budget"]["bytes"]
     assert car2["sensitivities"] == car["sensitivities"]  # taken from the cache
+
+
+def test_allocation_is_optimal_on_small_problems() -> None:
+    """Against brute force: the least total cost whose size fits, on random instances."""
+    import itertools
+
+    from imatrix.plan_alloc import Option, allocate
+
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        opts = {
+            f"t{i}": [
+                Option(q, int(s), float(c))
+                for q, (s, c) in enumerate(
+                    zip(
+                        sorted(rng.integers(10, 100, 5)),
+                        sorted(rng.random(5) * 10)[::-1],
+                        strict=True,
+                    )
+                )
+            ]
+            for i in range(5)
+        }
+        budget = int(rng.integers(250, 450))
+        pick = allocate(opts, budget)
+        assert sum(o.size for o in pick.values()) <= budget
+        best = min(
+            sum(o.cost for o in combo)
+            for combo in itertools.product(*opts.values())
+            if sum(o.size for o in combo) <= budget
+        )
+        assert sum(o.cost for o in pick.values()) == pytest.approx(best)
+        assert allocate(opts, budget) == pick
