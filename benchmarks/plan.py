@@ -29,8 +29,16 @@ import pandas as pd
 from gguf import GGMLQuantizationType as QT
 
 from imatrix.evaluate import evaluate
-from imatrix.plan import Budget, PlanOptions, costs, open_planning, options_for, plan, predicted_kld
-from imatrix.plan import _candidates as candidates
+from imatrix.plan import (
+    Budget,
+    PlanOptions,
+    candidate_types,
+    costs,
+    open_planning,
+    options_for,
+    plan,
+    predicted_kld,
+)
 from imatrix.plan_calibrate import CalibrationSettings
 from imatrix.plan_recipe import recipe_entries
 from imatrix.plan_tensors import DEFAULT_CANDIDATES
@@ -150,7 +158,7 @@ def one_budget(spec: str, args: argparse.Namespace, po: PlanOptions, w: Path) ->
 
 def spearman(args: argparse.Namespace, po: PlanOptions, w: Path, budgets: list[int]) -> dict:
     p = open_planning(args.model, args.imatrix, po)
-    opts = options_for(p.tensors, candidates(po.types), {})
+    opts = options_for(p.tensors, candidate_types(po.types), {})
     errors, sens = costs(p, opts, po, po.cache or w / "estimates.parquet")
     recipes = random_recipes(p, opts, budgets, args.random, seed=12)
     paths, pred = [], []

@@ -65,13 +65,16 @@ class PlanOptions:
 
 @dataclass
 class PlanResult:
+    """The recipe (tensor name -> ggml type id), its predictions and its sidecar."""
+
     types: dict[str, int]
     predicted_size: int
     predicted_kld: float
     sidecar: dict[str, Any]
 
 
-def _candidates(names: Sequence[str]) -> list[int]:
+def candidate_types(names: Sequence[str]) -> list[int]:
+    """ggml type ids of candidate names (quantized types only, duplicates dropped)."""
     out: list[int] = []
     for n in names:
         tid = parse_ggml_type(n, "candidate type in --types")
@@ -316,7 +319,7 @@ def open_planning(
     base_s, imx_s = os.fspath(base), os.fspath(imatrix)
     if not Path(base_s).is_file():
         raise ImatrixError(f"{base_s}: no such model file")
-    cands = _candidates(po.types)
+    cands = candidate_types(po.types)
     imx = prepare_imatrix(imx_s)
     if not imx.means:
         raise ImatrixError(f"{imx_s}: the imatrix has no entries")
@@ -364,7 +367,7 @@ def plan(
     res = resolve(
         budget, p.n_params, stock_dry_run(p.base, p.imx), lambda st: _size(p.sizes, p.tensors, st)
     )
-    opts = options_for(p.tensors, _candidates(po.types), res.stock)
+    opts = options_for(p.tensors, candidate_types(po.types), res.stock)
     check_budget(p, opts, res.bytes)
     errors, sens = costs(p, opts, po, po.cache or Path(out_s).parent / "estimates.parquet")
     pick = allocate(
