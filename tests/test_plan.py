@@ -203,7 +203,10 @@ def _numpy_dequant_q4_0(raw: bytes, shape: tuple[int, int]) -> np.ndarray:
 
 def test_error_estimates_match_numpy(dense_model: Path, imatrices: dict[str, Path]) -> None:
     from imatrix.plan_error import quantize_rows
+    from imatrix.plan_gguf import open_model
 
+    model = open_model(str(dense_model))
+    # the weights as gguf-py reads them: an independent check of our data offsets too
     reader = GGUFReader(str(dense_model))
     rts = {t.name: t for t in reader.tensors}
     means, _, _ = load_means(imatrices["dense"])
@@ -214,7 +217,7 @@ def test_error_estimates_match_numpy(dense_model: Path, imatrices: dict[str, Pat
         x = np.asarray(rt.data).reshape(-1, ne[0]).astype(np.float32)
         w = means[name].astype(np.float64) if weighted else np.ones(ne[0])
         got = tensor_errors(
-            rt,
+            model,
             t,
             [int(QT.Q8_0), int(QT.Q4_0)],
             means.get(name) if weighted else None,

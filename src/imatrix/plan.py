@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from imatrix.demo import sha256_file
 from imatrix.errors import ImatrixError
@@ -31,6 +31,7 @@ from imatrix.plan_budget import Budget, resolve, stock_dry_run
 from imatrix.plan_cache import KIND_ERROR, KIND_SENSITIVITY, PlanCache, cache_key
 from imatrix.plan_calibrate import CalibrationSettings
 from imatrix.plan_error import DEFAULT_SAMPLE_ELEMENTS
+from imatrix.plan_gguf import ModelFile, open_model
 from imatrix.plan_recipe import recipe_entries, sidecar_path, write_recipe
 from imatrix.plan_size import SizeModel, padded_bytes, size_model
 from imatrix.plan_tensors import (
@@ -90,9 +91,10 @@ def _means_size(t_ne: tuple[int, ...]) -> int:
     return t_ne[0] * (t_ne[2] if len(t_ne) > 2 else 1)
 
 
-def load_tensors(reader: GGUFReader, path: str, imx: PreparedImatrix) -> list[PlanTensor]:
+def load_tensors(model: ModelFile, imx: PreparedImatrix) -> list[PlanTensor]:
     """The tensors llama-quantize quantizes, checked against the imatrix."""
-    names = {t.name for t in reader.tensors}
+    path = model.path
+    names = {t.name for t in model.tensors}
     extra = sorted(set(imx.means) - names)
     if extra:
         raise ImatrixError(
@@ -100,11 +102,11 @@ def load_tensors(reader: GGUFReader, path: str, imx: PreparedImatrix) -> list[Pl
             f"'{extra[0]}'); an imatrix of another model?"
         )
     out = []
-    for rt in sorted(reader.tensors, key=lambda t: t.name):
-        ne = tuple(int(d) for d in rt.shape)
+    for rt in sorted(model.tensors, key=lambda t: t.name):
+        ne = rt.ne
         if not allows_quantization(rt.name, ne):
             continue
-        src = GGMLQuantizationType(int(rt.tensor_type))
+        src = GGMLQuantizationType(rt.type)
         if src not in SOURCE_TYPES:
             raise ImatrixError(f"{path}: tensor '{rt.name}' is {src.name}; plan needs F32/F16/BF16")
         m = imx.means.get(rt.name)
@@ -160,13 +162,9 @@ def check_budget(p: Planning, opts: Mapping[str, Sequence[int]], budget: int) ->
         )
 
 
-def _readers(reader: GGUFReader) -> dict[str, Any]:
-    return {t.name: t for t in reader.tensors}
-
-
 def estimate(
     tensors: Sequence[PlanTensor],
-    reader: GGUFReader,
+    model: ModelFile,
     opts: Mapping[str, Sequence[int]],
     imx: PreparedImatrix,
     cache: PlanCache,
@@ -181,7 +179,7 @@ def estimate(
     need = {t.name: [q for q in opts[t.name] if (t.name, name_of[q]) not in have] for t in tensors}
     todo = [t for t in tensors if need[t.name]]
     if todo:
-        fresh = all_errors(todo, _readers(reader), need, imx.means, po.sample_elements, po.jobs)
+        fresh = all_errors(todo, model, need, imx.means, po.sample_elements, po.jobs)
         cache.update(
             key,
             KIND_ERROR,
@@ -304,7 +302,7 @@ class Planning:
     base: str
     imatrix: str
     imx: PreparedImatrix
-    reader: GGUFReader
+    model: ModelFile
     tensors: list[PlanTensor]
     sizes: SizeModel
     n_params: int
@@ -323,13 +321,13 @@ def open_planning(
     imx = prepare_imatrix(imx_s)
     if not imx.means:
         raise ImatrixError(f"{imx_s}: the imatrix has no entries")
-    reader = GGUFReader(base_s)
-    tensors = load_tensors(reader, base_s, imx)
+    model = open_model(base_s)
+    tensors = load_tensors(model, imx)
     check_candidates(tensors, cands)
-    sm = size_model(reader, base_s, tensors, imx.kv_overrides())
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    sm = size_model(model, tensors, imx.kv_overrides())
+    n_params = sum(t.n_elements for t in model.tensors)
     return Planning(
-        base_s, imx_s, imx, reader, tensors, sm, n_params, sha256_file(base_s), sha256_file(imx_s)
+        base_s, imx_s, imx, model, tensors, sm, n_params, sha256_file(base_s), sha256_file(imx_s)
     )
 
 
@@ -339,7 +337,7 @@ def costs(
     """Errors per (tensor, option) and the calibrated sensitivities, through the cache."""
     key = cache_key(model=p.model_sha256, imatrix=p.imatrix_sha256, sample=po.sample_elements)
     cache = PlanCache.load(cache_path)
-    errors = estimate(p.tensors, p.reader, opts, p.imx, cache, key, po)
+    errors = estimate(p.tensors, p.model, opts, p.imx, cache, key, po)
     sens = sensitivities(p.base, p.imatrix, p.tensors, errors, cache, key, po, p.imx)
     return errors, sens
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, ReaderTensor
+from gguf import GGMLQuantizationType
 
+from imatrix.plan_gguf import ModelFile
 from imatrix.plan_tensors import PlanTensor, row_bytes
 
 log = logging.getLogger(__name__)
@@ -108,14 +109,16 @@ def sample_rows(n_rows: int, n_per_row: int, max_elements: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n_rows - 1, n)).astype(np.int64))
 
 
-def read_rows(rt: ReaderTensor, t: PlanTensor, idx: np.ndarray) -> np.ndarray:
+def read_rows(model: ModelFile, t: PlanTensor, idx: np.ndarray) -> np.ndarray:
     """Rows ``idx`` of the tensor (rows of all experts counted in order) as float32."""
-    src = np.asarray(rt.data)
+    info = next(i for i in model.tensors if i.name == t.name)
+    raw_all = model.raw(info)
     if t.src_type == GGMLQuantizationType.BF16:
-        raw = src.reshape(-1).view(np.uint16).reshape(-1, t.n_per_row)[idx]
+        raw = raw_all.view(np.uint16).reshape(-1, t.n_per_row)[idx]
         out: np.ndarray = (raw.astype(np.uint32) << 16).view(np.float32)
         return out
-    rows: np.ndarray = src.reshape(-1, t.n_per_row)[idx].astype(np.float32)
+    dtype = np.float16 if t.src_type == GGMLQuantizationType.F16 else np.float32
+    rows: np.ndarray = raw_all.view(dtype).reshape(-1, t.n_per_row)[idx].astype(np.float32)
     return rows
 
 
@@ -135,7 +138,7 @@ def row_error(
 
 
 def tensor_errors(
-    rt: ReaderTensor,
+    model: ModelFile,
     t: PlanTensor,
     types: Sequence[int],
     means: np.ndarray | None,
@@ -143,7 +146,7 @@ def tensor_errors(
 ) -> dict[int, float]:
     """Estimated error of the whole tensor in each type (sample error x rows / sampled)."""
     idx = sample_rows(t.n_rows, t.n_per_row, max_elements)
-    rows = read_rows(rt, t, idx)
+    rows = read_rows(model, t, idx)
     rows_per_expert = t.ne[1]
     experts = idx // rows_per_expert
     weights = None if means is None else means.reshape(-1, t.n_per_row)
@@ -153,7 +156,7 @@ def tensor_errors(
 
 def all_errors(
     tensors: Sequence[PlanTensor],
-    readers: Mapping[str, ReaderTensor],
+    model: ModelFile,
     types: Mapping[str, Sequence[int]],
     means: Mapping[str, np.ndarray],
     max_elements: int = DEFAULT_SAMPLE_ELEMENTS,
@@ -164,7 +167,7 @@ def all_errors(
 
     def one(t: PlanTensor) -> dict[int, float]:
         m = means.get(t.name) if t.has_imatrix else None
-        return tensor_errors(readers[t.name], t, types[t.name], m, max_elements)
+        return tensor_errors(model, t, types[t.name], m, max_elements)
 
     # biggest first, so the threads finish together
     order = sorted(tensors, key=lambda t: (-t.n_rows * t.n_per_row, t.name))

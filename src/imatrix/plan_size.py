@@ -19,10 +19,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType
 
 from imatrix.constants import GGUF_DEFAULT_ALIGNMENT, KEY_GENERAL_ALIGNMENT
 from imatrix.errors import ImatrixError
+from imatrix.plan_gguf import (
+    ModelFile,
+    info_bytes,
+    kv_bytes,
+    string_bytes,
+    tensor_nbytes,
+    value_bytes,
+)
 from imatrix.plan_tensors import PlanTensor, n_dims, tensor_bytes
 from imatrix.quantize import KV_BOOL, KV_FLOAT, KV_INT, KVOverride
 
@@ -38,49 +46,30 @@ def pad(n: int, align: int = GGUF_DEFAULT_ALIGNMENT) -> int:
     return (n + align - 1) // align * align
 
 
-def _kv_bytes(key: str, value_bytes: int) -> int:
-    return 8 + len(key.encode("utf-8")) + 4 + value_bytes
-
-
 def _override_value_bytes(kv: KVOverride) -> int:
     if kv.tag in (KV_INT, KV_FLOAT):
         return _U32  # ints become u32 (gguf_set_val_u32), floats f32
     if kv.tag == KV_BOOL:
         return 1
     assert isinstance(kv.value, bytes)
-    return 8 + len(kv.value)
+    return string_bytes(kv.value)
 
 
-def _input_kvs(reader: GGUFReader, path: str) -> dict[str, int]:
-    """Bytes of each input key-value pair as stored (llama.cpp copies them as they are)."""
-    out: dict[str, int] = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        if name == KEY_GENERAL_ALIGNMENT:
-            value = int(field.parts[field.data[0]][0])
-            if field.types[0] != GGUFValueType.UINT32 or value != GGUF_DEFAULT_ALIGNMENT:
-                raise ImatrixError(
-                    f"{path}: alignment {value} is not llama.cpp's default "
-                    f"{GGUF_DEFAULT_ALIGNMENT}; its quantized size cannot be predicted"
-                )
-        out[name] = sum(int(p.nbytes) for p in field.parts)
-    return out
-
-
-def meta_size(reader: GGUFReader, path: str, overrides: Sequence[KVOverride]) -> int:
+def meta_size(model: ModelFile, overrides: Sequence[KVOverride]) -> int:
     """Bytes before the first tensor's data in llama-quantize's output."""
-    kvs = _input_kvs(reader, path)
+    if model.alignment != GGUF_DEFAULT_ALIGNMENT or KEY_GENERAL_ALIGNMENT in model.kv:
+        raise ImatrixError(
+            f"{model.path}: sets {KEY_GENERAL_ALIGNMENT}; llama-quantize's output size "
+            "cannot be predicted for it"
+        )
+    kvs = {k: kv_bytes(k, value_bytes(v)) for k, v in model.kv.items()}
     for key in _SPLIT_KEYS:
         kvs.pop(key, None)
-    kvs[_KEY_QNT_VERSION] = _kv_bytes(_KEY_QNT_VERSION, _U32)
-    kvs[_KEY_FILE_TYPE] = _kv_bytes(_KEY_FILE_TYPE, _U32)
+    kvs[_KEY_QNT_VERSION] = kv_bytes(_KEY_QNT_VERSION, _U32)
+    kvs[_KEY_FILE_TYPE] = kv_bytes(_KEY_FILE_TYPE, _U32)
     for kv in overrides:
-        kvs[kv.key] = _kv_bytes(kv.key, _override_value_bytes(kv))
-    infos = 0
-    for t in reader.tensors:
-        ne = tuple(int(d) for d in t.shape)
-        infos += 8 + len(t.name.encode("utf-8")) + 4 + 8 * n_dims(ne) + 4 + 8
+        kvs[kv.key] = kv_bytes(kv.key, _override_value_bytes(kv))
+    infos = sum(info_bytes(t.name, n_dims(t.ne)) for t in model.tensors)
     return pad(_HEADER + sum(kvs.values()) + infos)
 
 
@@ -98,15 +87,13 @@ class SizeModel:
 
 def padded_bytes(t: PlanTensor, qtype: int) -> int:
     """A planned tensor's bytes in the file, padding included."""
-    from gguf import GGMLQuantizationType
-
     return pad(tensor_bytes(t, GGMLQuantizationType(qtype)))
 
 
 def size_model(
-    reader: GGUFReader, path: str, planned: Sequence[PlanTensor], overrides: Sequence[KVOverride]
+    model: ModelFile, planned: Sequence[PlanTensor], overrides: Sequence[KVOverride]
 ) -> SizeModel:
-    """The size model of quantizing the file ``reader`` reads, with these overrides."""
+    """The size model of quantizing ``model`` with these overrides."""
     names = {t.name for t in planned}
-    fixed = sum(pad(int(t.n_bytes)) for t in reader.tensors if t.name not in names)
-    return SizeModel(meta_size(reader, path, overrides), fixed)
+    fixed = sum(pad(tensor_nbytes(t)) for t in model.tensors if t.name not in names)
+    return SizeModel(meta_size(model, overrides), fixed)
