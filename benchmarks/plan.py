@@ -228,11 +228,16 @@ def main() -> None:
         cache=str(w / "estimates.parquet"),
         calibration=CalibrationSettings(chunks=args.calibration_chunks, threads=args.threads),
     )
-    results = [one_budget(s, args, po, w) for s in args.budgets.split(",") if s]
-    corr = spearman(args, po, w, [r["bytes"] for r in results]) if args.random else None
-    (w / "plan-benchmark.json").write_text(
-        json.dumps({"budgets": results, "random": corr}, indent=2) + "\n"
-    )
+    out = w / "plan-benchmark.json"
+    results: list[dict[str, Any]] = []
+    corr = None
+    for spec in (s for s in args.budgets.split(",") if s):
+        results.append(one_budget(spec, args, po, w))
+        # after each step: a long run that is stopped keeps what it measured
+        out.write_text(json.dumps({"budgets": results, "random": corr}, indent=2) + "\n")
+    if args.random:
+        corr = spearman(args, po, w, [r["bytes"] for r in results])
+        out.write_text(json.dumps({"budgets": results, "random": corr}, indent=2) + "\n")
     print(table(results))
     if corr is not None:
         print(
