@@ -68,14 +68,16 @@ def hand_recipes(p: Any, budget: int, n: int) -> list[tuple[str, str, int]]:
     return sorted(out, key=lambda r: -r[2])[:n]
 
 
-def random_recipes(p: Any, opts: dict, budgets: list[int], n: int, seed: int) -> list[dict]:
+def random_recipes(
+    p: Any, opts: dict[str, list[int]], budgets: list[int], n: int, seed: int
+) -> list[dict[str, int]]:
     """Random per-tensor types with file sizes within +-10 % of a (random) budget."""
     rng = np.random.default_rng(seed)
     by_size = {
         t.name: sorted(opts[t.name], key=lambda q: p.sizes.file_size([t], {t.name: q}))
         for t in p.tensors
     }
-    out: list[dict] = []
+    out: list[dict[str, int]] = []
     for _ in range(200 * n):
         if len(out) == n:
             break
@@ -156,7 +158,9 @@ def one_budget(spec: str, args: argparse.Namespace, po: PlanOptions, w: Path) ->
     }
 
 
-def spearman(args: argparse.Namespace, po: PlanOptions, w: Path, budgets: list[int]) -> dict:
+def spearman(
+    args: argparse.Namespace, po: PlanOptions, w: Path, budgets: list[int]
+) -> dict[str, Any]:
     p = open_planning(args.model, args.imatrix, po)
     opts = options_for(p.tensors, candidate_types(po.types), {})
     errors, sens = costs(p, opts, po, po.cache or w / "estimates.parquet")
@@ -186,7 +190,7 @@ def spearman(args: argparse.Namespace, po: PlanOptions, w: Path, budgets: list[i
     }
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| budget | bytes | model | size | KLD mean [95% CI] | same top p | plan s |",
         "|---|---|---|---|---|---|---|",

@@ -32,20 +32,23 @@ from imatrix.plan_cache import KIND_ERROR, KIND_SENSITIVITY, PlanCache, cache_ke
 from imatrix.plan_calibrate import CalibrationSettings
 from imatrix.plan_error import DEFAULT_SAMPLE_ELEMENTS
 from imatrix.plan_gguf import ModelFile, open_model
+from imatrix.plan_inputs import candidate_types, check_candidates, load_tensors, options_for
 from imatrix.plan_recipe import recipe_entries, sidecar_path, write_recipe
 from imatrix.plan_size import SizeModel, padded_bytes, size_model
-from imatrix.plan_tensors import (
-    DEFAULT_CANDIDATES,
-    SOURCE_TYPES,
-    PlanTensor,
-    allows_quantization,
-    eligible,
-    tensor_group,
-)
-from imatrix.qtypes import parse_ggml_type
+from imatrix.plan_tensors import DEFAULT_CANDIDATES, PlanTensor
 from imatrix.quantize import PreparedImatrix, prepare_imatrix
 
-__all__ = ["Budget", "PlanOptions", "PlanResult", "plan"]
+__all__ = [
+    "Budget",
+    "PlanOptions",
+    "PlanResult",
+    "candidate_types",
+    "costs",
+    "open_planning",
+    "options_for",
+    "plan",
+    "predicted_kld",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,82 +75,6 @@ class PlanResult:
     predicted_size: int
     predicted_kld: float
     sidecar: dict[str, Any]
-
-
-def candidate_types(names: Sequence[str]) -> list[int]:
-    """ggml type ids of candidate names (quantized types only, duplicates dropped)."""
-    out: list[int] = []
-    for n in names:
-        tid = parse_ggml_type(n, "candidate type in --types")
-        q = GGMLQuantizationType(tid)
-        if q in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
-            raise ImatrixError(f"candidate type '{n}' in --types is not a quantized type")
-        if tid not in out:
-            out.append(tid)
-    return out
-
-
-def _means_size(t_ne: tuple[int, ...]) -> int:
-    return t_ne[0] * (t_ne[2] if len(t_ne) > 2 else 1)
-
-
-def load_tensors(model: ModelFile, imx: PreparedImatrix) -> list[PlanTensor]:
-    """The tensors llama-quantize quantizes, checked against the imatrix."""
-    path = model.path
-    names = {t.name for t in model.tensors}
-    extra = sorted(set(imx.means) - names)
-    if extra:
-        raise ImatrixError(
-            f"{imx.path}: has {len(extra)} entries for tensors {path} lacks (e.g. "
-            f"'{extra[0]}'); an imatrix of another model?"
-        )
-    out = []
-    for rt in sorted(model.tensors, key=lambda t: t.name):
-        ne = rt.ne
-        if not allows_quantization(rt.name, ne):
-            continue
-        src = GGMLQuantizationType(rt.type)
-        if src not in SOURCE_TYPES:
-            raise ImatrixError(f"{path}: tensor '{rt.name}' is {src.name}; plan needs F32/F16/BF16")
-        m = imx.means.get(rt.name)
-        if m is not None and m.size != _means_size(ne) and rt.name != "token_embd.weight":
-            raise ImatrixError(
-                f"{imx.path}: entry '{rt.name}' has {m.size} values, the tensor needs "
-                f"{_means_size(ne)}; an imatrix of another model?"
-            )
-        has = m is not None and m.size == _means_size(ne)
-        out.append(PlanTensor(rt.name, ne, src, tensor_group(rt.name), has))
-    if not out:
-        raise ImatrixError(f"{path}: no tensor llama-quantize would quantize")
-    return out
-
-
-def options_for(
-    tensors: Sequence[PlanTensor], cands: Sequence[int], stock: Mapping[str, GGMLQuantizationType]
-) -> dict[str, list[int]]:
-    """Per tensor: its eligible candidates plus its stock type (F16 if none fits)."""
-    out: dict[str, list[int]] = {}
-    for t in tensors:
-        opts = [q for q in cands if eligible(t, GGMLQuantizationType(q))]
-        s = stock.get(t.name)
-        if s is not None and int(s) not in opts:
-            opts.append(int(s))
-        out[t.name] = opts or [int(GGMLQuantizationType.F16)]
-    return out
-
-
-def check_candidates(tensors: Sequence[PlanTensor], cands: Sequence[int]) -> None:
-    """Refuse candidate types that no tensor can take."""
-    unused = [
-        GGMLQuantizationType(q).name
-        for q in cands
-        if not any(eligible(t, GGMLQuantizationType(q)) for t in tensors)
-    ]
-    if unused:
-        raise ImatrixError(
-            f"no tensor accepts candidate type(s) {', '.join(unused)} (block size does "
-            "not divide any row, or they need importance data the imatrix lacks)"
-        )
 
 
 def check_budget(p: Planning, opts: Mapping[str, Sequence[int]], budget: int) -> None:
