@@ -32,6 +32,7 @@ _SUBCOMMANDS = (
     "evaluate",
     "collect",
     "tokenize",
+    "plan",
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from imatrix.cli import add_verbosity
@@ -100,9 +101,15 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: what llama-quantize's ``file >> arg`` skips between tokens (C-locale ``isspace``)
+_CXX_SPACE = re.compile(r"[ \t\n\v\f\r]+")
+
+
 def _read_tensor_type_file(path: str) -> list[str]:
+    """Tokens as llama-quantize reads them: separated by ASCII whitespace only (Python's
+    ``str.split`` would also split at Unicode spaces)."""
     try:
-        return Path(path).read_text(encoding="utf-8").split()
+        return [t for t in _CXX_SPACE.split(Path(path).read_text(encoding="utf-8")) if t]
     except FileNotFoundError:
         raise ImatrixError(f"{path}: no such file (--tensor-type-file)") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -1,0 +1,108 @@
+"""The per-tensor types llama-quantize would choose, from its own dry run.
+
+Why llama.cpp's dry run (``llama_model_quantize_params.dry_run``) and not a port of
+its type-selection rules: the stock mixes (Q4_K_M, IQ3_XXS, ...) depend on the
+architecture, layer counts, GQA ratio and whether an imatrix is given, and change
+between llama.cpp versions; the dry run runs the real selection, overrides and
+fallbacks without quantizing. It reports each tensor's type only in its log
+(``[ i/ n] NAME - [shape], type = SRC, size = A MiB -> B MiB (TYPE)``), so the lines
+are captured from the ``imatrix.llama`` logger while it runs. The same dry run checks
+a recipe before it is written: every tensor must get the type its line names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from gguf import GGMLQuantizationType
+
+from imatrix.errors import ImatrixError
+from imatrix.qtypes import GGML_TYPE_COUNT, parse_quant_type
+from imatrix.quantize import PreparedImatrix, QuantizeOptions, _llama_errors, _Params
+
+log = logging.getLogger(__name__)
+
+_TENSOR_RE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*\], type =\s*(\w+),")
+_TARGET_RE = re.compile(r"size = .*-> .*\((\w+)\)\s*$")
+_FALLBACK_RE = re.compile(r"falling back|required fallback")
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _captured_llama_log() -> Iterator[list[str]]:
+    """llama.cpp's log lines while the block runs, kept out of the user's log."""
+    from imatrix.llama_api import init_backend, llama_log
+
+    init_backend()
+    cap = _Capture()
+    old_level, old_prop = llama_log.level, llama_log.propagate
+    llama_log.setLevel(logging.DEBUG)
+    llama_log.propagate = False
+    llama_log.addHandler(cap)
+    try:
+        yield cap.lines
+    finally:
+        llama_log.removeHandler(cap)
+        llama_log.setLevel(old_level)
+        llama_log.propagate = old_prop
+
+
+def parse_dry_run(lines: Sequence[str]) -> tuple[dict[str, GGMLQuantizationType], int]:
+    """Each tensor's resulting type, and the number of fallback lines."""
+    out: dict[str, GGMLQuantizationType] = {}
+    current: tuple[str, str] | None = None
+    fallbacks = 0
+    for line in lines:
+        if _FALLBACK_RE.search(line):
+            fallbacks += 1
+        m = _TENSOR_RE.match(line)
+        if m:
+            current = (m.group(1), m.group(2))
+            out[current[0]] = GGMLQuantizationType[current[1].upper()]
+            continue
+        m = _TARGET_RE.search(line)
+        if m and current is not None:
+            out[current[0]] = GGMLQuantizationType[m.group(1).upper()]
+            current = None
+    return out, fallbacks
+
+
+def dry_run(
+    base: str | os.PathLike[str],
+    qtype: str,
+    imx: PreparedImatrix | None,
+    tensor_types: Sequence[tuple[str, int]] = (),
+) -> tuple[dict[str, GGMLQuantizationType], int]:
+    """Types llama-quantize gives each tensor of ``base`` as ``qtype`` (with the imatrix
+    and ``(regex, ggml type)`` overrides), and how many fallbacks it logged."""
+    import llama_cpp as lc
+
+    _, ftype = parse_quant_type(qtype)
+    opts = QuantizeOptions(ftype=ftype, tensor_types=list(tensor_types))
+    params = _Params(opts, imx)
+    params.params.dry_run = True
+    params.params.output_tensor_type = GGML_TYPE_COUNT
+    with _llama_errors() as errors, _captured_llama_log() as lines:
+        rc = lc.llama_model_quantize(
+            os.fsencode(Path(base)), b"dry-run.gguf", ctypes.byref(params.params)
+        )
+    if rc != 0:
+        raise ImatrixError(f"{base}: llama.cpp's dry run as {qtype} failed: {' '.join(errors)}")
+    types, fallbacks = parse_dry_run(lines)
+    if not types:
+        raise ImatrixError(f"{base}: llama.cpp's dry run as {qtype} listed no tensors")
+    return types, fallbacks
