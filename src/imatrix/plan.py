@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
-from imatrix.demo import sha256_file
+from imatrix.constants import GGMLQuantizationType
 from imatrix.errors import ImatrixError
+from imatrix.hashing import sha256_file
 from imatrix.plan_alloc import Option, allocate
 from imatrix.plan_budget import Budget, resolve, stock_dry_run
 from imatrix.plan_cache import KIND_ERROR, KIND_SENSITIVITY, PlanCache, cache_key

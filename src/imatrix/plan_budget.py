@@ -15,8 +15,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from gguf import GGMLQuantizationType
-
+from imatrix.constants import GGMLQuantizationType
 from imatrix.errors import ImatrixError
 from imatrix.qtypes import parse_quant_type
 from imatrix.quantize import PreparedImatrix

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from imatrix.formats import atomic_write
+from imatrix.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGMLQuantizationType as QT
-
+from imatrix.constants import GGMLQuantizationType as QT
 from imatrix.plan_tensors import PlanTensor
 
 log = logging.getLogger(__name__)

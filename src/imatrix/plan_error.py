@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
+from imatrix.constants import GGMLQuantizationType
 from imatrix.plan_gguf import ModelFile
 from imatrix.plan_tensors import PlanTensor, row_bytes
 

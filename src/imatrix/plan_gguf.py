@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from imatrix.constants import GGML_TYPE_SIZES, GGUFValueType
 from imatrix.errors import ImatrixError
-from imatrix.gguf_io import KV, GGUFValueType, TensorInfo, read_gguf
+from imatrix.gguf_io import KV, TensorInfo, read_gguf
 
 _HEADER = 4 + 4 + 8 + 8  # magic, version, tensor count, kv count
 _SCALAR_SIZE = {
@@ -64,7 +64,7 @@ def info_bytes(name: str, n_dims: int) -> int:
 
 
 def tensor_nbytes(t: TensorInfo) -> int:
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(t.type)]
+    block, size = GGML_TYPE_SIZES[int(t.type)]
     return t.n_elements // block * size
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from gguf import GGMLQuantizationType
-
+from imatrix.constants import GGMLQuantizationType
 from imatrix.errors import ImatrixError
 from imatrix.plan_gguf import ModelFile
 from imatrix.plan_tensors import (

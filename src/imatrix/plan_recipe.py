@@ -18,10 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gguf import GGMLQuantizationType
-
+from imatrix.atomic import atomic_write
+from imatrix.constants import GGMLQuantizationType
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_write
 
 #: ECMAScript regex syntax characters (escaped in patterns)
 _SYNTAX = set("^$\\.*+?()[]{}|/")

@@ -19,9 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gguf import GGMLQuantizationType
-
-from imatrix.constants import GGUF_DEFAULT_ALIGNMENT, KEY_GENERAL_ALIGNMENT
+from imatrix.constants import GGUF_DEFAULT_ALIGNMENT, KEY_GENERAL_ALIGNMENT, GGMLQuantizationType
 from imatrix.errors import ImatrixError
 from imatrix.plan_gguf import (
     ModelFile,

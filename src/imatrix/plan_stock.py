@@ -20,11 +20,11 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from gguf import GGMLQuantizationType
-
+from imatrix.constants import GGMLQuantizationType
 from imatrix.errors import ImatrixError
+from imatrix.llama_api import llama_errors
 from imatrix.qtypes import GGML_TYPE_COUNT, parse_quant_type
-from imatrix.quantize import PreparedImatrix, QuantizeOptions, _llama_errors, _Params
+from imatrix.quantize import PreparedImatrix, QuantizeOptions, _Params
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def dry_run(
     params = _Params(opts, imx)
     params.params.dry_run = True
     params.params.output_tensor_type = GGML_TYPE_COUNT
-    with _llama_errors() as errors, _captured_llama_log() as lines:
+    with llama_errors() as errors, _captured_llama_log() as lines:
         rc = lc.llama_model_quantize(
             os.fsencode(Path(base)), b"dry-run.gguf", ctypes.byref(params.params)
         )

@@ -8,15 +8,14 @@ of small special tensors), and which types survive its fallback rule: llama.cpp
 applies a ``--tensor-type`` override first and *then* replaces a type whose block
 size does not divide the row length (``tensor_type_fallback``), so a candidate that
 does not divide would silently become another type. Type facts (block size, bytes
-per block) come from gguf-py's ``GGML_QUANT_SIZES``.
+per block) come from ``imatrix.constants.GGML_TYPE_SIZES`` (gguf-py's table, checked against libggml).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
+from imatrix.constants import GGML_TYPE_SIZES, GGMLQuantizationType
 from imatrix.errors import ImatrixError
 
 #: llama-quantize's default candidate types of the planner (issue 12).
@@ -178,7 +177,7 @@ def type_name(t: GGMLQuantizationType) -> str:
 
 def fits(t: PlanTensor, qtype: GGMLQuantizationType) -> bool:
     """True when llama.cpp keeps ``qtype`` for this tensor (no fallback)."""
-    block, _ = GGML_QUANT_SIZES[qtype]
+    block, _ = GGML_TYPE_SIZES[int(qtype)]
     return t.n_per_row % block == 0
 
 
@@ -192,7 +191,7 @@ def eligible(t: PlanTensor, qtype: GGMLQuantizationType) -> bool:
 
 def row_bytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
     """``ggml_row_size``."""
-    block, size = GGML_QUANT_SIZES[qtype]
+    block, size = GGML_TYPE_SIZES[int(qtype)]
     return n_per_row // block * size
 
 
