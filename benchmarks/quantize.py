@@ -122,6 +122,7 @@ def main() -> None:
         f" {'cpu llama':>10} {'cpu call':>9} {'ratio call':>11} {'ratio cpu':>10}  identical"
     )
     worst = {"call": 0.0, "cpu": 0.0, "process": 0.0}
+    CACHE.mkdir(parents=True, exist_ok=True)  # the scratch files live beside the cache
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         for qtype in args.types.split(","):
             ref, ours = Path(tmp) / f"ref-{qtype}.gguf", Path(tmp) / f"ours-{qtype}.gguf"
