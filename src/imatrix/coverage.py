@@ -50,6 +50,9 @@ DEFAULT_MIN_EXPERT_TOKENS = 0
 #   (weighted) count below 0.5 is 0.
 # - src/llama-quant.cpp: llama_tensor_quantize_impl: each expert's rows are quantized with
 #   that expert's own slice of the imatrix (row / nrows_per_expert).
+# - ggml/src/ggml-quants.c (e.g. quantize_row_q4_K_impl): the quantizer weights a value by
+#   importance · sqrt(sigma2 + x²), without an imatrix by av_x + |x|: a flat importance of 1
+#   is therefore not the same as quantizing that expert without an imatrix.
 #: What quantize does with an expert that was routed no token.
 QUANTIZE_ZERO = "count 0: llama-quantize uses importance 1 on every channel (flat, uncalibrated)"
 #: What quantize does with an expert that was routed a few tokens.
@@ -207,8 +210,8 @@ def summary_line(s: dict[str, Any]) -> str:
 def layer_view(table: pd.DataFrame, min_expert_tokens: int) -> pd.DataFrame:
     """The report's small view of ``coverage.parquet``: per dataset (merged first) and
     layer, the experts' token counts (least covered tensor kind of the layer) as min,
-    median and max, with how many experts never fired or saw fewer than
-    ``min_expert_tokens``."""
+    median and max, with how many experts never fired and (when ``min_expert_tokens``
+    is above 0) how many saw fewer tokens."""
     if table.empty:
         return pd.DataFrame()
     t = table.astype({"tokens": "int64", "expert": "int64"}).copy()
@@ -222,7 +225,8 @@ def layer_view(table: pd.DataFrame, min_expert_tokens: int) -> pd.DataFrame:
             "tokens_median": g.median(),
             "tokens_max": g.max(),
             "never_fired": g.apply(lambda s: int((s == 0).sum())),
-            f"below_{min_expert_tokens}": g.apply(lambda s: int((s < min_expert_tokens).sum())),
         }
     )
+    if min_expert_tokens > 0:
+        view[f"below_{min_expert_tokens}"] = g.apply(lambda s: int((s < min_expert_tokens).sum()))
     return view.reset_index()
