@@ -558,7 +558,9 @@ def test_moe_health_gate_refuses_and_writes_nothing(tmp_path: Path, moe_model: P
     shard = read_imatrix(wd / f"results/{M}/shards/alpha/0.gguf")
     up = shard.entries["blk.1.ffn_up_exps.weight"].counts
     listed = ", ".join(f"#{i} ({int(c)})" for i, c in enumerate(up))
-    assert f"blk.1.ffn_up_exps.weight: 4 of 4 experts saw fewer than 1000000 tokens: {listed};" in log
+    assert (
+        f"blk.1.ffn_up_exps.weight: 4 of 4 experts saw fewer than 1000000 tokens: {listed};" in log
+    )
     assert up.sum() == 2 * 2 * 128  # 2 chunks of 128 tokens, 2 experts per token
     assert not (wd / f"results/{M}/imatrix.gguf").exists()
     assert sorted(p.name for p in (wd / f"results/{M}").iterdir()) == ["shards", "tokens"]
