@@ -250,3 +250,21 @@ def test_statistics_report_shows_coverage_for_moe(moe_model: Path, tmp_path: Pat
     page = html.read_text()
     assert "<h2>Expert coverage" in page and "<th>below_5</th>" in page
     assert page.count("<td>(merged)</td>") == 2 and page.count("<td>b</td>") == 2
+
+
+def test_config_schema_knows_every_check() -> None:
+    """health.fail_on/warn_on accept exactly the checks the library has (expert_coverage
+    included), and min_expert_tokens defaults to the library's default."""
+    import yaml
+
+    from imatrix.coverage import DEFAULT_MIN_EXPERT_TOKENS
+    from imatrix.health import CHECKS
+
+    schema = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text()
+    )
+    health = schema["properties"]["health"]["properties"]
+    for key in ("fail_on", "warn_on"):
+        assert set(health[key]["items"]["enum"]) == set(CHECKS), key
+    assert health["min_expert_tokens"]["default"] == DEFAULT_MIN_EXPERT_TOKENS
+    assert health["min_expert_tokens"]["minimum"] == 0
