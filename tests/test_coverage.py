@@ -268,3 +268,19 @@ def test_config_schema_knows_every_check() -> None:
         assert set(health[key]["items"]["enum"]) == set(CHECKS), key
     assert health["min_expert_tokens"]["default"] == DEFAULT_MIN_EXPERT_TOKENS
     assert health["min_expert_tokens"]["minimum"] == 0
+
+
+def test_check_json_stays_strict_with_non_finite_counts(
+    moe_model: Path, tmp_path: Path, capsys
+) -> None:
+    """A NaN or Inf count is a non_finite failure; the coverage counts it as 0 (as no
+    tokens) and the JSON has no NaN anywhere."""
+    d = synthetic(moe_model)
+    d.entries["blk.1.ffn_up_exps.weight"].counts[[0, 2]] = [np.nan, np.inf]
+    im = tmp_path / "bad.gguf"
+    write_imatrix(d, im)
+    capsys.readouterr()
+    assert main(["check", str(im), "--json", "--min-expert-tokens", "1"]) == 1
+    out = strict_json(capsys.readouterr().out)
+    assert out["coverage"]["tokens"]["blk.1.ffn_up_exps.weight"] == [0, 200, 0, 250]
+    assert "non_finite" in {f["check"] for f in out["findings"]}
