@@ -433,6 +433,14 @@ CONFIG_VIOLATIONS = {
         lambda c: c["datasets"]["beta"].update(weight=0),
         ("0 is less than or equal to the minimum of 0", "['datasets']['beta']['weight']"),
     ),
+    "negative min_expert_tokens": (
+        lambda c: c.update(health={"min_expert_tokens": -1}),
+        ("-1 is less than the minimum of 0", "['health']['min_expert_tokens']"),
+    ),
+    "min_expert_tokens not an integer": (
+        lambda c: c.update(health={"min_expert_tokens": 1.5}),
+        ("1.5 is not of type 'integer'", "['health']['min_expert_tokens']"),
+    ),
     "unknown output format": (
         lambda c: c.update(output_formats=["gguf", "safetensors"]),
         ("'safetensors' is not one of", "['output_formats'][1]"),

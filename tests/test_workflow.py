@@ -51,6 +51,7 @@ TARGETS = [
     f"results/{M}/imatrix.compat.gguf",
     f"results/{M}/stats/tensors.parquet",
     f"results/{M}/stats/layers.parquet",
+    f"results/{M}/stats/coverage.parquet",
     f"results/{M}/report/statistics.html",
     f"results/{M}/quant/{M}-Q4_K_M.gguf",
     f"results/{M}/quant/{M}-IQ3_XXS.gguf",
@@ -67,6 +68,7 @@ REPRODUCIBLE = [
     f"results/{M}/imatrix.compat.gguf",
     f"results/{M}/stats/tensors.parquet",
     f"results/{M}/stats/layers.parquet",
+    f"results/{M}/stats/coverage.parquet",
     f"results/{M}/quant/{M}-Q4_K_M.gguf",
     f"results/{M}/quant/{M}-IQ3_XXS.gguf",
     f"results/{M}/quant/noimatrix/{M}-Q4_K_M.gguf",
@@ -152,6 +154,7 @@ EXPECTED_JOBS = {
     "merge": 1,
     "convert": 2,
     "stats": 1,
+    "coverage": 1,
     "report_statistics": 1,
     "quantize": 2,
     "quantize_noimatrix": 1,  # IQ3_XXS needs an imatrix
@@ -533,3 +536,40 @@ def test_merge_refuses_a_shard_of_another_text(run_b: Path) -> None:
     assert proc.returncode != 0
     log = (run_b / f"logs/{M}/merge.log").read_text()
     assert "shards disagree on the text of dataset 'alpha' (sha256)" in log, out + log
+
+
+def test_moe_health_gate_refuses_and_writes_nothing(tmp_path: Path, moe_model: Path) -> None:
+    """On the tiny MoE model, a `health:` block whose min_expert_tokens no expert reaches
+    and that raises expert_coverage to "fail" stops the merge: Snakemake fails, the merge
+    log names each expert with its count (the counts the shard holds), and no merged
+    imatrix (nor anything after it) exists. Lowering the level lets the merge through,
+    and coverage.parquet holds the shard's counts for the dataset and the merge."""
+    import pandas as pd
+
+    cfg = load_config()
+    cfg["datasets"] = {"alpha": {"path": "data/alpha.txt", "chunks": 2}}
+    cfg["collect"].update(shards=1)
+    cfg["health"] = {"min_expert_tokens": 10**6, "fail_on": ["expert_coverage"]}
+    wd = make_workdir(tmp_path / "w", moe_model, cfg)
+    proc = snakemake(wd, "-c1", f"results/{M}/imatrix.gguf", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    log = (wd / f"logs/{M}/merge.log").read_text()
+    assert "health check failed" in log and "[fail] expert_coverage: 6 finding(s)" in log, log
+    shard = read_imatrix(wd / f"results/{M}/shards/alpha/0.gguf")
+    up = shard.entries["blk.1.ffn_up_exps.weight"].counts
+    listed = ", ".join(f"#{i} ({int(c)})" for i, c in enumerate(up))
+    assert (
+        f"blk.1.ffn_up_exps.weight: 4 of 4 experts saw fewer than 1000000 tokens: {listed};" in log
+    )
+    assert up.sum() == 2 * 2 * 128  # 2 chunks of 128 tokens, 2 experts per token
+    assert not (wd / f"results/{M}/imatrix.gguf").exists()
+    assert sorted(p.name for p in (wd / f"results/{M}").iterdir()) == ["shards", "tokens"]
+
+    cfg["health"]["warn_on"], cfg["health"]["fail_on"] = ["expert_coverage"], []
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run(wd, f"results/{M}/stats/coverage.parquet")
+    cov = pd.read_parquet(wd / f"results/{M}/stats/coverage.parquet")
+    for dataset in ("alpha", None):
+        rows = cov[cov["dataset"] == dataset] if dataset else cov[cov["dataset"].isna()]
+        got = rows[rows["name"] == "blk.1.ffn_up_exps.weight"]["tokens"].tolist()
+        assert got == [int(c) for c in up], (dataset, got)

@@ -100,6 +100,7 @@ def test_user_config_replaces_the_demo(checkout: Path) -> None:
         "collect": 2,
         "merge": 1,
         "stats": 1,
+        "coverage": 1,
         "report_statistics": 1,
         "quantize": 1,
         "all": 1,

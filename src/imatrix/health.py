@@ -19,6 +19,11 @@ What is checked (each finding has a *check* code and a level, ``warn`` or ``fail
 ``dead_experts`` (warn)
     Experts that never fired (count 0), with their share per tensor. llama-quantize
     uses a flat importance of 1.0 for them: those experts are quantized blind.
+``expert_coverage`` (warn)
+    Experts that were routed fewer than ``min_expert_tokens`` tokens (0, the default,
+    reports none), with each one's count and what llama-quantize makes of it: flat
+    importance 1 for a count of 0, the few tokens' means as they are for a low count
+    (see :mod:`imatrix.coverage`). The report also carries the coverage summary.
 ``zero_channels`` (warn)
     Input channels whose sum of squares is exactly 0 in an expert that did fire.
 ``few_tokens`` (warn)
@@ -44,6 +49,15 @@ from typing import Any
 
 import numpy as np
 
+from imatrix.coverage import (
+    DEFAULT_MIN_EXPERT_TOKENS,
+    QUANTIZE_LOW,
+    QUANTIZE_ZERO,
+    expert_tokens,
+    summary,
+    summary_line,
+)
+from imatrix.errors import ImatrixError
 from imatrix.jsonout import dumps
 from imatrix.model import Entry, ImatrixData
 from imatrix.stats import lround_counts
@@ -59,6 +73,7 @@ CHECKS: dict[str, str] = {
     "no_metadata": FAIL,
     "size_mismatch": FAIL,
     "dead_experts": WARN,
+    "expert_coverage": WARN,
     "zero_channels": WARN,
     "few_tokens": WARN,
     "missing_tensor": WARN,
@@ -88,6 +103,8 @@ class HealthReport:
     n_tensors: int
     n_experts: int
     findings: list[Finding] = field(default_factory=list)
+    #: :func:`imatrix.coverage.summary` of a MoE imatrix, None without expert tensors
+    coverage: dict[str, Any] | None = None
 
     @property
     def failed(self) -> bool:
@@ -104,7 +121,7 @@ class HealthReport:
         return [f for f in self.findings if f.check == check]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "source": self.source,
             "status": FAIL if self.failed else (WARN if self.findings else "ok"),
             "tensors": self.n_tensors,
@@ -113,6 +130,9 @@ class HealthReport:
             "warnings": self.count(WARN),
             "findings": [asdict(f) for f in self.findings],
         }
+        if self.coverage is not None:  # MoE only: a dense model's report stays as it was
+            d["coverage"] = self.coverage
+        return d
 
 
 def resolve_levels(fail_on: Iterable[str] = (), warn_on: Iterable[str] = ()) -> dict[str, str]:
@@ -145,6 +165,7 @@ def check_imatrix(
     fail_on: Iterable[str] = (),
     warn_on: Iterable[str] = (),
     expected: Mapping[str, int] | None = None,
+    min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
 ) -> HealthReport:
     """Inspect ``data`` and report problems (see the module docstring for the checks).
 
@@ -153,7 +174,13 @@ def check_imatrix(
     checks are skipped. Pure: reads nothing, prints nothing.
     """
     levels = resolve_levels(fail_on, warn_on)
-    report = HealthReport(source=source, n_tensors=len(data.entries), n_experts=data.n_experts())
+    tokens = expert_tokens(data)
+    report = HealthReport(
+        source=source,
+        n_tensors=len(data.entries),
+        n_experts=data.n_experts(),
+        coverage=summary(tokens, min_expert_tokens),
+    )
     raw: list[_Raw] = []
     if not data.is_legacy and not data.has_metadata:
         raw.append(
@@ -167,6 +194,7 @@ def check_imatrix(
         )
     for name in sorted(data.entries):
         raw.extend(_entry_findings(name, data.entries[name], min_tokens))
+    raw.extend(_coverage_findings(tokens, min_expert_tokens))
     if expected is not None:
         raw.extend(_model_findings(data, expected))
     for check, message, tensor, value in raw:
@@ -225,6 +253,32 @@ def _count_findings(
         yield "few_tokens", msg, name, float(low)
 
 
+def _coverage_findings(tokens: Mapping[str, np.ndarray], min_expert_tokens: int) -> Iterator[_Raw]:
+    """Experts routed fewer than ``min_expert_tokens`` tokens, each with its count, and
+    what llama-quantize makes of them (count 0 and low counts differ)."""
+    for name, counts in tokens.items():
+        low = np.flatnonzero(counts < min_expert_tokens)
+        if not low.size:
+            continue
+        shown = ", ".join(f"#{int(i)} ({int(counts[i])})" for i in low[:_ID_LIMIT])
+        more = f", ... ({low.size - _ID_LIMIT} more)" if low.size > _ID_LIMIT else ""
+        what = [QUANTIZE_ZERO] if (counts[low] == 0).any() else []
+        what += [QUANTIZE_LOW] if (counts[low] > 0).any() else []
+        msg = (
+            f"{low.size} of {counts.size} experts saw fewer than {min_expert_tokens} tokens: "
+            f"{shown}{more}; {'; '.join(what)}"
+        )
+        yield "expert_coverage", msg, name, float(counts[low].min())
+
+
+def min_expert_tokens_value(value: object, key: str) -> int:
+    """``value`` as a count of tokens, or an ImatrixError naming ``key`` (the CLI option
+    or config key it came from): a non-negative integer, not a bool or a float."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ImatrixError(f"{key} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def _model_findings(data: ImatrixData, expected: Mapping[str, int]) -> Iterator[_Raw]:
     """Model weights without an entry, and entries of the wrong size."""
     for wname in sorted(expected):
@@ -238,7 +292,11 @@ def _model_findings(data: ImatrixData, expected: Mapping[str, int]) -> Iterator[
             yield "size_mismatch", msg, wname, float(e.values.size)
 
 
-def _ids(idx: np.ndarray, limit: int = 12) -> str:
+#: experts named in one finding before "... (N more)"
+_ID_LIMIT = 12
+
+
+def _ids(idx: np.ndarray, limit: int = _ID_LIMIT) -> str:
     shown = ", ".join(str(int(i)) for i in idx[:limit])
     return f"#{shown}" + (f", ... ({idx.size - limit} more)" if idx.size > limit else "")
 
@@ -270,6 +328,8 @@ def format_report(report: HealthReport, *, as_json: bool = False) -> str:
         f"{report.source}: {d['status'].upper()} - {report.n_tensors} tensors, "
         f"{d['failures']} failures, {d['warnings']} warnings"
     ]
+    if report.coverage is not None:
+        lines.append(summary_line(report.coverage))
     order = sorted({f.check for f in report.findings}, key=lambda c: (CHECKS.get(c) != FAIL, c))
     for check in order:
         items = report.by_check(check)

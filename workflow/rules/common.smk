@@ -170,6 +170,7 @@ def get_all_targets(wildcards):
         out += [
             f"results/{m}/stats/tensors.parquet",
             f"results/{m}/stats/layers.parquet",
+            f"results/{m}/stats/coverage.parquet",
             f"results/{m}/stats/plots",
             f"results/{m}/report/statistics.html",
         ]

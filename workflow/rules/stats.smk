@@ -1,4 +1,5 @@
-# Per-tensor and per-layer statistics of the merged imatrix: Parquet tables and plots.
+# Per-tensor and per-layer statistics of the merged imatrix: Parquet tables and plots;
+# the expert coverage (tokens per expert, merged and per dataset) of MoE models.
 
 
 localrules:
@@ -30,10 +31,30 @@ rule stats:
         "../scripts/stats.py"
 
 
+rule coverage:
+    input:
+        imatrix="results/{m}/imatrix.gguf",
+        shards=get_shard_files,
+    output:
+        coverage="results/{m}/stats/coverage.parquet",
+    log:
+        "logs/{m}/coverage.log",
+    conda:
+        conda_env()
+    resources:
+        mem_mb=get_mem_mb("coverage"),
+        runtime=get_runtime("coverage"),
+    params:
+        datasets=get_shard_datasets,
+    script:
+        "../scripts/coverage.py"
+
+
 rule report_statistics:
     input:
         tensors="results/{m}/stats/tensors.parquet",
         layers="results/{m}/stats/layers.parquet",
+        coverage="results/{m}/stats/coverage.parquet",
     output:
         html=report(
             "results/{m}/report/statistics.html",
@@ -46,5 +67,7 @@ rule report_statistics:
         "logs/{m}/report_statistics.log",
     conda:
         conda_env()
+    params:
+        min_expert_tokens=config["health"]["min_expert_tokens"],
     script:
         "../scripts/report_statistics.py"

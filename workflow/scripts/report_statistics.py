@@ -5,14 +5,17 @@ from typing import TYPE_CHECKING
 import _paths  # noqa: F401
 
 from imatrix.workflow.joblog import job_logging
-from imatrix.workflow.report import write_html_report
+from imatrix.workflow.report import write_statistics_report
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
 
 job_logging(snakemake.log[0])
-write_html_report(
+write_statistics_report(
     snakemake.output.html,
-    f"imatrix statistics of {snakemake.wildcards.m}",
-    {"Layers": snakemake.input.layers, "Tensors": snakemake.input.tensors},
+    snakemake.wildcards.m,
+    snakemake.input.tensors,
+    snakemake.input.layers,
+    snakemake.input.coverage,
+    snakemake.params.min_expert_tokens,
 )

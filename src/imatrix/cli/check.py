@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from imatrix.cli import add_dat_chunk_size, add_verbosity, check_ctx_size
+from imatrix.coverage import DEFAULT_MIN_EXPERT_TOKENS
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix
 from imatrix.health import (
@@ -18,6 +19,7 @@ from imatrix.health import (
     check_imatrix,
     expected_from_model,
     format_report,
+    min_expert_tokens_value,
 )
 
 
@@ -55,6 +57,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=DEFAULT_MIN_TOKENS,
         help=f"tokens an expert (or tensor) needs (default {DEFAULT_MIN_TOKENS})",
     )
+    p.add_argument(
+        "--min-expert-tokens",
+        type=int,
+        default=DEFAULT_MIN_EXPERT_TOKENS,
+        metavar="N",
+        help="report MoE experts routed fewer than N tokens as expert_coverage, with what "
+        f"llama-quantize does with them (default {DEFAULT_MIN_EXPERT_TOKENS}: none)",
+    )
     p.add_argument("-m", "--model", help="model GGUF: also report weights missing from the imatrix")
     add_dat_chunk_size(p)
     add_verbosity(p)
@@ -65,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     check_ctx_size(args.ctx_size)
     if args.min_tokens < 0:
         raise ImatrixError(f"--min-tokens must not be negative, got {args.min_tokens}")
+    min_expert_tokens = min_expert_tokens_value(args.min_expert_tokens, "--min-expert-tokens")
     fail_on = [n for t in args.fail_on for n in _names(t)]
     warn_on = [n for t in args.warn_on for n in _names(t)]
     data = read_imatrix(args.input, chunk_size=args.ctx_size, strict=False)
@@ -77,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             fail_on=fail_on,
             warn_on=warn_on,
             expected=expected,
+            min_expert_tokens=min_expert_tokens,
         )
     except ValueError as exc:
         raise ImatrixError(f"--fail-on/--warn-on: {exc}") from None

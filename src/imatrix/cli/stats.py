@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from imatrix.cli import add_dat_chunk_size, add_verbosity, check_ctx_size
 from imatrix.formats import read_imatrix
+from imatrix.model import ImatrixData
 from imatrix.stats import DEFAULT_ECS_K, PLOTTABLE, compute_statistics, render_tables, write_parquet
 
 log = logging.getLogger(__name__)
@@ -23,7 +25,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "and optionally write tensors.parquet/layers.parquet and PNG plots.",
     )
     p.add_argument("input", metavar="IN", help="imatrix file (GGUF or .dat)")
-    p.add_argument("--parquet", metavar="DIR", help="write tensors.parquet and layers.parquet here")
+    p.add_argument(
+        "--parquet",
+        metavar="DIR",
+        help="write tensors.parquet and layers.parquet here, and for MoE models "
+        "coverage.parquet (tokens per expert)",
+    )
     p.add_argument("--plot", metavar="DIR", help="write PNG plots here")
     p.add_argument(
         "--statistic",
@@ -57,9 +64,21 @@ def run(args: argparse.Namespace) -> int:
             render_tables(tensors, layers, args.input, legacy=legacy, ecs_k=args.ecs_k)
         )
     if args.parquet:
-        write_parquet(tensors, layers, args.parquet)
+        tp, _ = write_parquet(tensors, layers, args.parquet)
+        _write_coverage(data, tp.parent)
     if args.plot:
         from imatrix.plots import write_plots  # matplotlib only when plotting
 
         write_plots(data, tensors, args.plot, args.statistic)
     return 0
+
+
+def _write_coverage(data: ImatrixData, outdir: Path) -> None:
+    """coverage.parquet for a MoE imatrix; nothing for a dense one (no experts)."""
+    from imatrix.coverage import COVERAGE_FILE, coverage_frame, write_coverage
+
+    table = coverage_frame(data)
+    if table.empty:
+        log.info("no expert tensors: no %s", COVERAGE_FILE)
+        return
+    write_coverage(table, outdir / COVERAGE_FILE)

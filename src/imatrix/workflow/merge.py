@@ -158,14 +158,22 @@ def merge_shards(
 
 def _health_gate(data: ImatrixData, output: str, health: Mapping[str, Any]) -> None:
     """Log the health report of the merged data; refuse it on a "fail" finding."""
-    from imatrix.health import DEFAULT_MIN_TOKENS, check_imatrix, format_report
+    from imatrix.coverage import DEFAULT_MIN_EXPERT_TOKENS
+    from imatrix.health import (
+        DEFAULT_MIN_TOKENS,
+        check_imatrix,
+        format_report,
+        min_expert_tokens_value,
+    )
 
+    min_expert = health.get("min_expert_tokens", DEFAULT_MIN_EXPERT_TOKENS)
     report = check_imatrix(
         data,
         source=output,
         min_tokens=int(health.get("min_tokens", DEFAULT_MIN_TOKENS)),
         fail_on=health.get("fail_on", ()),
         warn_on=health.get("warn_on", ()),
+        min_expert_tokens=min_expert_tokens_value(min_expert, "health.min_expert_tokens"),
     )
     for line in format_report(report).splitlines():
         log.info("health: %s", line)

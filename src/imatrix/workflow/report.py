@@ -20,8 +20,9 @@ def _html_table(df: Any, title: str) -> str:
     return f"<h2>{title}</h2>\n" + table
 
 
-def write_html_report(output: str, title: str, tables: Mapping[str, str]) -> Path:
-    """One HTML page with a heading per table, in the order given (title -> Parquet file)."""
+def write_html_report(output: str, title: str, tables: Mapping[str, Any]) -> Path:
+    """One HTML page with a heading per table, in the order given (title -> Parquet file,
+    or a DataFrame for a view computed from one)."""
     import pandas as pd
 
     parts = [
@@ -30,8 +31,30 @@ def write_html_report(output: str, title: str, tables: Mapping[str, str]) -> Pat
         STYLE + "</head><body>",
         f"<h1>{title}</h1>",
     ]
-    for name, path in tables.items():
-        parts.append(_html_table(pd.read_parquet(path), name))
+    for name, table in tables.items():
+        df = table if isinstance(table, pd.DataFrame) else pd.read_parquet(table)
+        parts.append(_html_table(df, name))
     parts.append("</body></html>")
     atomic_write(output, "\n".join(parts).encode("utf-8"))
     return Path(output)
+
+
+def write_statistics_report(
+    output: str,
+    model: str,
+    tensors: str,
+    layers: str,
+    coverage: str,
+    min_expert_tokens: int,
+) -> Path:
+    """The statistics page: layers and tensors, and for a MoE model a small view of the
+    expert coverage (per dataset and layer, :func:`imatrix.coverage.layer_view`)."""
+    import pandas as pd
+
+    from imatrix.coverage import layer_view
+
+    tables: dict[str, Any] = {"Layers": layers, "Tensors": tensors}
+    view = layer_view(pd.read_parquet(coverage), min_expert_tokens)
+    if not view.empty:
+        tables["Expert coverage (tokens per expert, least covered tensor of each layer)"] = view
+    return write_html_report(output, f"imatrix statistics of {model}", tables)

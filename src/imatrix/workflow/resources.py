@@ -44,6 +44,8 @@ STEPS: dict[str, StepResources] = {
     "collect": StepResources(input_copies=2, runtime_min=240, resumes=True),
     "merge": StepResources(input_copies=2, runtime_min=30),
     "stats": StepResources(input_copies=2, runtime_min=30),
+    # the merged imatrix and one shard at a time (inputs: the merge and all shards)
+    "coverage": StepResources(input_copies=1, runtime_min=30),
     "quantize": StepResources(input_copies=2, runtime_min=60),
     "evaluate": StepResources(input_copies=1, runtime_min=120),
 }
