@@ -18,12 +18,16 @@ from imatrix.workflow import resources as job_resources  # noqa: E402
 from imatrix.workflow.config import (  # noqa: E402
     canonical_quant_types,
     check_config,
+    schema_error_line,
     types_without_imatrix,
 )
 from imatrix.workflow.datasets import dataset_format  # noqa: E402
 from imatrix.workflow.shards import dataset_chunks, shard_count  # noqa: E402
 
-validate(config, schema="../schemas/config.schema.yaml")
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as exc:
+    raise WorkflowError(f"invalid config: {schema_error_line(exc)}") from None
 
 try:
     check_config(config)

@@ -46,6 +46,21 @@ def _need_file(key: str, path: str) -> None:
         raise ImatrixError(f"{key}: {path}: not a regular file")
 
 
+def schema_error_line(exc: BaseException) -> str:
+    """One line naming the config key and what is wrong with it, for a schema violation.
+
+    Snakemake's ``validate`` prints jsonschema's whole report (the schema fragment, the
+    instance) over a dozen lines; users need the key and the reason, as for every other
+    bad input. The jsonschema error is the context of Snakemake's ``WorkflowError``.
+    """
+    cause = exc.__context__ if exc.__context__ is not None else exc
+    message = getattr(cause, "message", None)
+    if message is None:
+        return str(exc).splitlines()[0]
+    path = ".".join(str(p) for p in getattr(cause, "absolute_path", ())) or "(top level)"
+    return f"{path}: {message}"
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """Refuse a config whose files are missing or whose models or types are unknown."""
     for name, model in config["models"].items():
