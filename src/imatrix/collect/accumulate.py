@@ -15,6 +15,7 @@ import numpy as np
 
 from imatrix import ggml
 from imatrix.activations import ColumnSums
+from imatrix.collect.device import DeviceSums
 from imatrix.collect.shared_inputs import (
     DenseParts,
     MoeParts,
@@ -37,7 +38,8 @@ class Accumulators:
     """The sums so far, and the arithmetic that adds an observed node's input to them.
 
     ``trace`` logs every node as llama-imatrix's ``-lv 2`` does, numbered with
-    :attr:`chunk`."""
+    :attr:`chunk`; ``device`` sums inputs that live on a GPU there (None: as
+    ``IMATRIX_DEVICE_SUMS`` says, see :mod:`imatrix.collect.device`)."""
 
     def __init__(
         self,
@@ -45,11 +47,13 @@ class Accumulators:
         summer: ColumnSums,
         shared: SharedInputs,
         trace: bool = False,
+        device: DeviceSums | None = None,
     ) -> None:
         self.entries: dict[str, Entry] = {n: e.copy() for n, e in (entries or {}).items()}
         self.summer = summer
         self.shared = shared
         self.trace = trace
+        self.device = DeviceSums() if device is None else device
         self.chunk = 0
         self._scratch: dict[int, np.ndarray] = {}
 
@@ -131,6 +135,10 @@ class Accumulators:
         hit = self.shared.get(key) if single else None
         if isinstance(hit, dict):
             return hit
+        if (on_device := self.device.dense(name, src1, ne02, ne03)) is not None:
+            for sq, _ in on_device.values():
+                _check_finite(sq, name)
+            return on_device
         x = ggml.host_array(src1, np.dtype(np.float32), self._scratch)
         parts: DenseParts = {}
         for i3 in range(ne13):
@@ -194,6 +202,9 @@ class Accumulators:
         hit = self.shared.get(key)
         if isinstance(hit, tuple):
             return hit
+        if (on_device := self.device.moe(name, src1, ids_t, n_as)) is not None:
+            _check_finite(on_device[1], name)
+            return on_device
         ne0, ne11, n_tokens = int(src1.ne[0]), int(src1.ne[1]), int(src1.ne[2])
         ids = ggml.host_array(ids_t, np.dtype(np.int32), self._scratch)[0, 0]  # [tokens, ids]
         n_ids = int(ids_t.ne[0])
