@@ -23,7 +23,7 @@ class _Runtime:
 
     def pointerGetAttributes(self, ptr: int) -> SimpleNamespace:
         self.fake.pointers.append(ptr)
-        return SimpleNamespace(type=2, device=self.fake.device_id)
+        return SimpleNamespace(device=self.fake.device_id, devicePointer=ptr, hostPointer=0)
 
 
 class _Cuda:

@@ -40,8 +40,6 @@ ENV = "IMATRIX_DEVICE_SUMS"
 MODES = {"auto": "auto", "on": "on", "1": "on", "off": "off", "0": "off"}
 #: buffer names of ggml's CUDA backend (``CUDA_Host`` is pinned host memory)
 _CUDA_BUFFER = re.compile(r"CUDA\d+")
-#: cudaMemoryTypeDevice, cudaMemoryTypeManaged
-_DEVICE_MEMORY = (2, 3)
 #: activation types a device view can hold, by ggml type (BF16 as its bit patterns)
 _FLOATS = {
     int(GGMLQuantizationType.F32): np.float32,
@@ -49,7 +47,7 @@ _FLOATS = {
     int(GGMLQuantizationType.BF16): np.uint16,
 }
 _DTYPES = {**_FLOATS, ggml.GGML_TYPE_I32: np.int32}
-_HINT = "pip install 'imatrix-pipeline[cuda]'"
+_HINT = "pip install 'imatrix-pipeline[cuda]', or [cuda13] for CUDA 13"
 
 T = TypeVar("T")
 
@@ -174,9 +172,11 @@ class DeviceSums:
             except Exception as exc:  # a CUDA runtime error
                 self._disable(f"CUDA does not know a {name} tensor's memory: {exc}")
                 return None
-            if int(attrs.type) in _DEVICE_MEMORY:
+            # device (or managed) memory is addressed on its device at the same address;
+            # (CuPy's attribute object has no memory type field in every version)
+            if int(attrs.devicePointer) == int(t.data) and int(attrs.device) >= 0:
                 return int(attrs.device)
-            self._disable(f"{name} tensor memory is not CUDA device memory")
+            self._disable(f"{name} tensor memory is not addressable by CUDA kernels")
         return None
 
     def _load(self) -> ArrayModule | None:

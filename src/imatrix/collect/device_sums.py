@@ -61,10 +61,7 @@ def dense_sums(xp: ArrayModule, x: Array) -> Array:
     """``[2, cols]`` float64: per column of the 2-D ``[rows, cols]`` array ``x``, the sum
     of squares (row 0) and the sum (row 1)."""
     x64 = x.astype(xp.float64)
-    out = xp.empty((2, x.shape[1]), dtype=xp.float64)
-    xp.sum(x64 * x64, axis=0, out=out[0])
-    xp.sum(x64, axis=0, out=out[1])
-    return out
+    return xp.stack([xp.sum(x64 * x64, axis=0), xp.sum(x64, axis=0)])
 
 
 def routing(xp: ArrayModule, ids: Array, ne11: int, n_as: int) -> tuple[Array, Array]:
@@ -96,10 +93,7 @@ def expert_sums(xp: ArrayModule, x: Array, ids: Array, ne11: int, n_as: int) -> 
     sums of squares, then sums."""
     w, counts = routing(xp, ids, ne11, n_as)
     x64 = x.astype(xp.float64)
-    out = xp.empty((2, n_as, x.shape[1]), dtype=xp.float64)
-    xp.matmul(w, x64 * x64, out=out[0])
-    xp.matmul(w, x64, out=out[1])
-    return counts, out
+    return counts, xp.stack([xp.matmul(w, x64 * x64), xp.matmul(w, x64)])
 
 
 __all__ = ["Array", "ArrayModule", "as_float32", "dense_sums", "expert_sums", "routing"]
