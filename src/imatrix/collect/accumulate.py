@@ -4,7 +4,8 @@ One :class:`imatrix.model.Entry` per weight, in llama-imatrix's ``Stats`` layout
 flat ``values`` vector, one count per expert). A dense ``MUL_MAT`` adds the column
 sums of its input to its matrix (a 3-d/4-d weight has one matrix per broadcast slice);
 a ``MUL_MAT_ID`` adds each token's row to the experts it was routed to and counts
-tokens per expert. How the column sums are formed: :mod:`imatrix.activations`.
+tokens per expert. How the column sums are formed: :mod:`imatrix.activations`; inputs
+that live in GPU memory are summed there (:mod:`imatrix.collect.device`).
 """
 
 from __future__ import annotations

@@ -188,8 +188,9 @@ class DeviceSums:
             self._disable(f"CuPy is not installed ({_HINT})")
             return None
         try:  # compiles the kernels once, and proves the device works
-            dense_sums(xp, xp.ones((3, 2), dtype=xp.float32)).sum().item()
-            expert_sums(xp, xp.ones((3, 2), dtype=xp.float32), xp.zeros((3, 1), xp.int32), 1, 2)
+            x = xp.ones((3, 2), dtype=xp.float32)
+            _, sums = expert_sums(xp, x, xp.zeros((3, 1), dtype=xp.int32), 1, 2)
+            float((dense_sums(xp, x).sum() + sums.sum()).item())
         except Exception as exc:  # CuPy raises many types (driver, NVRTC, ...)
             self._disable(f"CuPy does not work here: {exc}")
             return None
