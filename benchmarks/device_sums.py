@@ -8,7 +8,9 @@ parity of each result with a reference imatrix (llama-imatrix's, same model, tex
 chunks: same tensor names and counts, largest relative difference of ``in_sum2``
 against the 1e-4 limit), and whether the two device runs gave identical sums (they
 must: the device arithmetic has a fixed order). When the device path is unavailable
-the ``on`` runs are reported as such and the host run still is.
+the ``on`` runs are reported as such and the host run still is. The first run carries
+the one-time costs (files into the page cache, CuPy compiling its kernels on a first use
+on the machine): compare the last two.
 
     python benchmarks/device_sums.py --model M.gguf --text T.txt --reference REF.gguf \\
         [--chunks 16] [-c 512] [-ngl 99] [-t THREADS]
@@ -23,7 +25,7 @@ import argparse
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,20 @@ class Run:
     parity: str = ""
     digest: str = ""
     error: str = ""
+    #: the collector's log lines about where activations were summed
+    where: list[str] = field(default_factory=list)
+
+
+class _Where(logging.Handler):
+    """Keeps the collector's lines saying where activations are summed."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "activations" in (msg := record.getMessage()):
+            self.lines.append(msg)
 
 
 def parity(ours: ImatrixData, ref: ImatrixData) -> str:
@@ -89,11 +105,17 @@ def run(mode: str, model: Path, tokens: np.ndarray, args: argparse.Namespace) ->
     )
     os.environ[ENV] = mode  # read when the collector is made
     r = Run(mode)
+    logger = logging.getLogger("imatrix.collect")
+    handler = _Where(r.where)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         res = collect(model, tokens, None, settings, dataset="bench")
     except ImatrixError as exc:
         r.error = str(exc)
         return r
+    finally:
+        logger.removeHandler(handler)
     r.tokens_per_s = res.n_tokens / res.compute_seconds
     r.parity = parity(res.data, read_imatrix(args.reference))
     r.digest = digest(res.data)
@@ -113,6 +135,8 @@ def main() -> None:
     ap.add_argument("-ngl", type=int, default=99)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    for h in logging.getLogger().handlers:  # the collector's INFO lines go to _Where only
+        h.setLevel(logging.WARNING)
     from imatrix.llama_api import load_model
     from imatrix.tokenize import read_text, tokenize_text
 
@@ -125,6 +149,7 @@ def main() -> None:
             print(f"  {what}: unavailable: {r.error}")
         else:
             print(f"  {what}: {r.tokens_per_s:10.1f} tokens/s (chunk loop); parity: {r.parity}")
+            print(f"      {'; '.join(r.where) or 'no activation lived on a device'}")
     a, b = runs[0], runs[2]
     if not a.error and not b.error:
         same = "identical" if a.digest == b.digest else "DIFFERENT (not deterministic)"
