@@ -21,7 +21,7 @@ from fakecupy import FakeCupy
 
 from imatrix import ggml
 from imatrix.activations import ColumnSums
-from imatrix.collect import CollectSettings, collect, device
+from imatrix.collect import CollectSettings, collect, device, device_sums
 from imatrix.collect.accumulate import Accumulators
 from imatrix.collect.device import ENV, DeviceSums
 from imatrix.collect.device_sums import as_float32, dense_sums, expert_sums, routing
@@ -84,7 +84,20 @@ def no_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- the arithmetic, with NumPy as the array module ------------------------------------
 
 
-def test_dense_sums_match_the_host_path_and_the_bound() -> None:
+@pytest.fixture(params=["one block", "blocks of 7 rows"])
+def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device arithmetic in one block of rows, and in many (as for a large batch)."""
+    if request.param != "one block":
+        monkeypatch.setattr(device_sums, "BLOCK_BYTES", 8 * 96 * 7)
+
+
+def test_row_blocks_cover_the_rows_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_sums, "BLOCK_BYTES", 8 * 10 * 3)
+    assert device_sums.row_blocks(8, 10) == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    assert device_sums.row_blocks(2, 10**6) == [slice(0, 1), slice(1, 2)]
+
+
+def test_dense_sums_match_the_host_path_and_the_bound(blocks: None) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1001, 96)).astype(np.float32)  # rows not a multiple of 16
     x[:, 5] *= 1e-20  # squares below float32's normal range
@@ -104,7 +117,7 @@ def test_dense_sums_match_the_host_path_and_the_bound() -> None:
 
 
 @pytest.mark.parametrize(("ne11", "n_ids"), [(1, 3), (3, 3), (2, 3)])
-def test_expert_sums_match_a_loop_over_tokens(ne11: int, n_ids: int) -> None:
+def test_expert_sums_match_a_loop_over_tokens(blocks: None, ne11: int, n_ids: int) -> None:
     """Per expert sums as llama-imatrix forms them (token by token, slot by slot),
     including slots sharing a row (ne11 = 1) and rows wrapping unevenly (2 of 3)."""
     rng = np.random.default_rng(1)

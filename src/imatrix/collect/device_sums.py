@@ -13,20 +13,22 @@ computed exactly):
 
 - every activation is converted to float64 (exact), every square is formed in float64
   (exact: a float32 square needs 48 bits of mantissa);
-- :func:`dense_sums` adds the rows in one ``sum`` over axis 0 of a row-major array:
-  ``|sum of squares - S2| <= (n - 1) v S2`` and ``|sum - sum x_i| <= (n - 1) v S1``;
+- :func:`dense_sums` adds the rows with ``sum`` over axis 0 of row-major blocks of
+  rows, then the block sums: ``|sum of squares - S2| <= (n - 1) v S2`` and
+  ``|sum - sum x_i| <= (n - 1) v S1`` (the bound of any order of ``n - 1`` additions);
 - :func:`expert_sums` forms per-expert sums as a float64 matrix product of a routing
   matrix (integer entries: how often each row goes to each expert) with the rows: the
   same bounds, ``n`` being the rows of the matrix product.
 
-Both are far inside llama-imatrix's own float32 error (the parity limit is 1e-4
+The blocks (:data:`BLOCK_BYTES` of float64 rows) bound the scratch memory taken on
+the GPU next to llama.cpp's buffers. Both are far inside llama-imatrix's own float32 error (the parity limit is 1e-4
 relative per element) and inside the host path's bound.
 
 Determinism: no step uses atomics whose order could vary. NumPy's reductions and
 CuPy's reduction kernels (and CUB's, when CuPy routes a reduction to it) add in an
 order fixed by the shape and the device; cuBLAS's matrix products give bitwise equal
 results run to run on the same GPU model. The result therefore depends only on the
-data, the shapes (i.e. the batch settings) and the device, so a resumed or sharded
+data, the shapes (i.e. the batch settings), :data:`BLOCK_BYTES` and the device, so a resumed or sharded
 run reproduces the uninterrupted run's bytes on the same GPU. Counts are integers.
 """
 
@@ -40,6 +42,9 @@ from imatrix.constants import GGMLQuantizationType
 ArrayModule = Any
 #: an array of that module
 Array = Any
+
+#: float64 scratch per block of rows (two such arrays live at a time)
+BLOCK_BYTES = 64 << 20
 
 _F16 = int(GGMLQuantizationType.F16)
 _BF16 = int(GGMLQuantizationType.BF16)
@@ -57,11 +62,21 @@ def as_float32(xp: ArrayModule, raw: Array, ggml_type: int) -> Array:
     return raw
 
 
+def row_blocks(n_rows: int, n_cols: int) -> list[slice]:
+    """Consecutive row ranges of at most :data:`BLOCK_BYTES` as float64 (at least one row)."""
+    step = max(1, BLOCK_BYTES // (8 * max(n_cols, 1)))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, max(n_rows, 1), step)]
+
+
 def dense_sums(xp: ArrayModule, x: Array) -> Array:
     """``[2, cols]`` float64: per column of the 2-D ``[rows, cols]`` array ``x``, the sum
     of squares (row 0) and the sum (row 1)."""
-    x64 = x.astype(xp.float64)
-    return xp.stack([xp.sum(x64 * x64, axis=0), xp.sum(x64, axis=0)])
+    out = None
+    for b in row_blocks(*x.shape):
+        x64 = x[b].astype(xp.float64)
+        part = xp.stack([xp.sum(x64 * x64, axis=0), xp.sum(x64, axis=0)])
+        out = part if out is None else out + part
+    return out
 
 
 def routing(xp: ArrayModule, ids: Array, ne11: int, n_as: int) -> tuple[Array, Array]:
@@ -92,8 +107,21 @@ def expert_sums(xp: ArrayModule, x: Array, ids: Array, ne11: int, n_as: int) -> 
     Returns the tokens per expert ``[n_as]`` (int64) and ``[2, n_as, cols]`` float64:
     sums of squares, then sums."""
     w, counts = routing(xp, ids, ne11, n_as)
-    x64 = x.astype(xp.float64)
-    return counts, xp.stack([xp.matmul(w, x64 * x64), xp.matmul(w, x64)])
+    out = None
+    for b in row_blocks(*x.shape):
+        x64 = x[b].astype(xp.float64)
+        part = xp.stack([xp.matmul(w[:, b], x64 * x64), xp.matmul(w[:, b], x64)])
+        out = part if out is None else out + part
+    return counts, out
 
 
-__all__ = ["Array", "ArrayModule", "as_float32", "dense_sums", "expert_sums", "routing"]
+__all__ = [
+    "BLOCK_BYTES",
+    "Array",
+    "ArrayModule",
+    "as_float32",
+    "dense_sums",
+    "expert_sums",
+    "routing",
+    "row_blocks",
+]
