@@ -231,10 +231,17 @@ def test_device_sums_are_deterministic(fake: FakeCupy) -> None:
     rng = np.random.default_rng(4)
     x = rng.normal(size=(300, 64)).astype(np.float32)
     src1 = _tensor(x, ggml.GGML_TYPE_F32, [64, 300, 1, 1], b"x")
+    ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(300)]).astype(np.int32)
+    ids_t = _tensor(ids, ggml.GGML_TYPE_I32, [2, 300, 1, 1], b"ids")
+    experts = _tensor(None, ggml.GGML_TYPE_F16, [64, 8, 8, 1], b"blk.0.ffn_up_exps.weight")
     a, b = _acc("auto"), _acc("auto")
-    a.dense("w", _weight(64), src1)
-    b.dense("w", _weight(64), src1)
-    assert a.entries["w"].values.tobytes() == b.entries["w"].values.tobytes()
+    for acc in (a, b):
+        acc.dense("w", _weight(64), src1)
+        acc.moe("e", experts, _tensor(x, ggml.GGML_TYPE_F32, [64, 1, 300, 1], b"x"), ids_t)
+    for n in ("w", "e"):
+        assert a.entries[n].values.tobytes() == b.entries[n].values.tobytes()
+        assert a.entries[n].sums.tobytes() == b.entries[n].sums.tobytes()
+    assert a.device.n_device == 2
 
 
 # -- selection and fallback -------------------------------------------------------------
@@ -297,7 +304,8 @@ def test_collect_through_the_device_path(
     tiny_model, calib_text, tmp_path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     """Dense and MoE models: the fake device path gives the host path's counts and sums
-    within 1e-6, the same bytes twice; without CuPy, exactly the host path's bytes."""
+    within 1e-6; without CuPy, exactly the host path's bytes. (Repeats giving the same
+    bytes: test_device_sums_are_deterministic.)"""
     toks = tmp_path / "t.npy"
     tokenize_file(tiny_model, calib_text, toks)
     s = CollectSettings(n_ctx=128, last_chunk=2, compute_ppl=False, threads=2)
@@ -305,11 +313,10 @@ def test_collect_through_the_device_path(
     f, real_loader = FakeCupy(), device.load_cupy
     monkeypatch.setattr(device, "load_cupy", lambda: f)
     monkeypatch.setattr(device, "buffer_name", lambda t: "CUDA0" if t.data else None)
-    runs = [collect(tiny_model, toks, None, s).data.entries for _ in range(2)]
+    on_device = collect(tiny_model, toks, None, s).data.entries
     assert f.pointers, "the device path did not run"
-    assert set(runs[0]) == set(host)
-    for n, e in runs[0].items():
-        assert e.values.tobytes() == runs[1][n].values.tobytes(), n
+    assert set(on_device) == set(host)
+    for n, e in on_device.items():
         np.testing.assert_array_equal(e.counts, host[n].counts, err_msg=n)
         np.testing.assert_allclose(e.values, host[n].values, rtol=1e-6, atol=0, err_msg=n)
     caplog.set_level(logging.INFO, logger="imatrix.collect")
@@ -319,3 +326,31 @@ def test_collect_through_the_device_path(
     for n, e in fallback.items():
         assert e.values.tobytes() == host[n].values.tobytes(), n
     assert sum(FALLBACK in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_failing_device_switches_to_the_host_once(
+    fake: FakeCupy, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A GPU error mid-run (e.g. out of memory): one warning, then the host path; with
+    IMATRIX_DEVICE_SUMS=on the collection fails instead."""
+    caplog.set_level(logging.INFO, logger="imatrix.collect")
+    x = np.random.default_rng(6).normal(size=(20, 16)).astype(np.float32)
+    src1 = _tensor(x, ggml.GGML_TYPE_F32, [16, 20, 1, 1], b"x")
+    strict, lenient, host = _acc("on"), _acc("auto"), _acc("off")
+    host.device.off_reason = "the reference"
+    for acc in (strict, lenient, host):
+        acc.dense("w", _weight(16), src1)  # loads the fake, which works at first
+
+    def broken(*_: object, **__: object) -> None:
+        raise MemoryError("out of device memory")
+
+    monkeypatch.setattr(fake, "stack", broken, raising=False)
+    with pytest.raises(ImatrixError, match=f"{ENV}=on but .*out of device memory"):
+        strict.dense("w", _weight(16), src1)
+    for _ in range(2):
+        lenient.dense("w", _weight(16), src1)
+        host.dense("w", _weight(16), src1)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "out of device memory" in warnings[0].getMessage()
+    assert lenient.device.n_device == 1
+    np.testing.assert_allclose(lenient.entries["w"].values, host.entries["w"].values, rtol=1e-6)
