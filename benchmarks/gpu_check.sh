@@ -2,13 +2,16 @@
 # GPU check: build the pinned llama.cpp once with CUDA, install llama-cpp-python against
 # that build, generate synthetic models and compare `imatrix collect -ngl 99` with
 # `llama-imatrix -ngl 99` (parity of the imatrices, tokens/s of both and of a plain
-# forward pass), dense (llama) and mixture-of-experts (qwen3moe).
+# forward pass), with and without activation sums on the GPU, dense (llama) and
+# mixture-of-experts (qwen3moe).
 #
 # What the machine needs
 #   - an NVIDIA GPU (written for Hopper, sm_90; CUDA_ARCH=89 etc. for others) and its driver
 #   - the CUDA toolkit (12 or 13) with nvcc and cuBLAS (cublas_v2.h, libcublas), CMake >= 3.21,
 #     ninja, a C/C++ compiler, tar
-#   - Python 3.12 with numpy and pandas (CuPy is not needed by this check; pip is not used)
+#   - Python 3.12 with numpy, pandas and CuPy for the machine's CUDA (cupy-cuda12x or
+#     cupy-cuda13x: the device sums; without it their runs say "unavailable" and the rest
+#     of the check still runs); pip is not used
 #   - no network: everything else comes in one directory made beforehand, elsewhere, by
 #     scripts/pack-llama-source.sh (about 5 MiB, at most 64 MiB): the trimmed
 #     llama-cpp-python sdist (llama.cpp source + the llama_cpp Python package), the wheels
@@ -23,8 +26,12 @@
 #   GPU_CHECK_WORK  work directory (default ~/.cache/imatrix-pipeline/gpu-check); the build
 #                   directory in it is reused when the script runs again
 #   CUDA_ARCH (90)  JOBS (nproc)  CHUNKS (16)  PYTHON (python3)
-#   OURS_EXTRA      extra `imatrix collect` flags for a second run of ours (e.g. a device
-#                   accumulation switch), reported beside the default run
+#   OURS_EXTRA      extra `imatrix collect` flags for a second run of ours, reported beside
+#                   the default run
+# Device sums: `imatrix collect` sums activations that live on the GPU there (CuPy) unless
+# IMATRIX_DEVICE_SUMS=off (copy them to the host, as llama-imatrix does); =on fails instead
+# of falling back. The drop-in run below uses the default (auto; its log says which path
+# ran); benchmarks/device_sums.py measures on and off side by side.
 #
 # How it works: ONE CMake build of the trimmed source (BUILD_SHARED_LIBS=ON) gives the
 # three tools and the shared libraries they link; llama-cpp-python is not built again:
@@ -122,6 +129,12 @@ synth() { # synth OUT ARGS...: a synthetic model, made once
     [ -f "$out" ] || timeout "$T_RUN" "$PYTHON" "$ROOT/benchmarks/synthetic_model.py" "$@" -o "$out"
 }
 
+device_speed() { # device_speed MODEL: ours with and without device sums, vs llama-imatrix's
+    timeout "$T_RUN" "$PYTHON" "$ROOT/benchmarks/device_sums.py" --model "$1" --text "$TEXT" \
+        --reference "$WORK/out/ref.gguf" --chunks "$CHUNKS" -c 512 -ngl 99 -t "$JOBS" ||
+        die "benchmarks/device_sums.py failed"
+}
+
 parity() { # parity MODEL NGL CHUNKS CTX [extra ours flags]: llama-imatrix vs imatrix collect
     local model="$1" ngl="$2" chunks="$3" ctx="$4" extra="${5:-}" out="$WORK/out"
     mkdir -p "$out"
@@ -134,6 +147,7 @@ parity() { # parity MODEL NGL CHUNKS CTX [extra ours flags]: llama-imatrix vs im
     timeout "$T_RUN" "$PYTHON" -m imatrix collect "${common[@]}" $extra -o "$out/ours.gguf" \
         >"$out/ours.log" 2>&1 || die "imatrix collect failed, see $out/ours.log"
     echo "  whole runs: llama-imatrix $((t1 - t0)) s, imatrix collect $((SECONDS - t1)) s ${extra:+($extra)}"
+    grep -h "activations" "$out/ours.log" | sed 's/^/  ours: /' || true # where sums ran
     "$PYTHON" - "$out/ours.gguf" "$out/ref.gguf" <<'EOF'
 import sys
 import numpy as np
@@ -173,6 +187,8 @@ check_model() { # check_model LABEL MODEL
     echo "$1 ($(basename "$2"))"
     parity "$2" 99 "$CHUNKS" 512
     [ -z "$OURS_EXTRA" ] || parity "$2" 99 "$CHUNKS" 512 "$OURS_EXTRA"
+    echo "  with and without device sums (chunk loop, no perplexity):"
+    device_speed "$2"
     speed "$2"
 }
 

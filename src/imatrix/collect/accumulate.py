@@ -4,7 +4,8 @@ One :class:`imatrix.model.Entry` per weight, in llama-imatrix's ``Stats`` layout
 flat ``values`` vector, one count per expert). A dense ``MUL_MAT`` adds the column
 sums of its input to its matrix (a 3-d/4-d weight has one matrix per broadcast slice);
 a ``MUL_MAT_ID`` adds each token's row to the experts it was routed to and counts
-tokens per expert. How the column sums are formed: :mod:`imatrix.activations`.
+tokens per expert. How the column sums are formed: :mod:`imatrix.activations`; inputs
+that live in GPU memory are summed there (:mod:`imatrix.collect.device`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from imatrix import ggml
 from imatrix.activations import ColumnSums
+from imatrix.collect.device import DeviceSums
 from imatrix.collect.shared_inputs import (
     DenseParts,
     MoeParts,
@@ -37,7 +39,8 @@ class Accumulators:
     """The sums so far, and the arithmetic that adds an observed node's input to them.
 
     ``trace`` logs every node as llama-imatrix's ``-lv 2`` does, numbered with
-    :attr:`chunk`."""
+    :attr:`chunk`; ``device`` sums inputs that live on a GPU there (None: as
+    ``IMATRIX_DEVICE_SUMS`` says, see :mod:`imatrix.collect.device`)."""
 
     def __init__(
         self,
@@ -45,11 +48,13 @@ class Accumulators:
         summer: ColumnSums,
         shared: SharedInputs,
         trace: bool = False,
+        device: DeviceSums | None = None,
     ) -> None:
         self.entries: dict[str, Entry] = {n: e.copy() for n, e in (entries or {}).items()}
         self.summer = summer
         self.shared = shared
         self.trace = trace
+        self.device = DeviceSums() if device is None else device
         self.chunk = 0
         self._scratch: dict[int, np.ndarray] = {}
 
@@ -131,6 +136,10 @@ class Accumulators:
         hit = self.shared.get(key) if single else None
         if isinstance(hit, dict):
             return hit
+        if (on_device := self.device.dense(name, src1, ne02, ne03)) is not None:
+            for sq, _ in on_device.values():
+                _check_finite(sq, name)
+            return on_device
         x = ggml.host_array(src1, np.dtype(np.float32), self._scratch)
         parts: DenseParts = {}
         for i3 in range(ne13):
@@ -194,6 +203,9 @@ class Accumulators:
         hit = self.shared.get(key)
         if isinstance(hit, tuple):
             return hit
+        if (on_device := self.device.moe(name, src1, ids_t, n_as)) is not None:
+            _check_finite(on_device[1], name)
+            return on_device
         ne0, ne11, n_tokens = int(src1.ne[0]), int(src1.ne[1]), int(src1.ne[2])
         ids = ggml.host_array(ids_t, np.dtype(np.int32), self._scratch)[0, 0]  # [tokens, ids]
         n_ids = int(ids_t.ne[0])
