@@ -13,7 +13,8 @@ token is drawn by inverse CDF over float64 probabilities (cumulative sum,
 ``searchsorted``). Same model file, seed, temperature, token count and thread count on
 the same llama.cpp build and CPU → the same text. What can change it: another thread
 count, build, BLAS or CPU instruction set, or a GPU (the logits differ in the last bits,
-and one differently drawn token changes everything after it).
+and one differently drawn token changes everything after it); rarely, numpy's ``exp``
+(its SIMD paths differ between CPUs) can move a draw that falls on a boundary.
 
 Generation per prompt: the prompt is tokenized with the model's BOS (special tokens
 not parsed), then up to ``tokens`` tokens are drawn, stopping early at an
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -115,7 +117,10 @@ def generate_texts(
             batch = Batch(max(longest, 1))
             for i, toks in enumerate(encoded):
                 ctx.clear()
+                t0 = time.perf_counter()
                 drawn = _continue(ctx, batch, toks, settings, prompt_rng(settings.seed, i), bar)
+                dt = time.perf_counter() - t0
+                log.info("prompt %d/%d: %d tokens in %.1f s", i + 1, len(prompts), len(drawn), dt)
                 text = b"".join(token_piece(model, t) for t in drawn).decode("utf-8", "replace")
                 out.append((text, len(drawn)))
     return out
