@@ -103,6 +103,9 @@ def test_parquet_records_render_like_jsonl(tmp_path: Path, chat_jsonl: Path) -> 
     path = tmp_path / "chat.parquet"
     pq.write_table(pa.table({"id": [1, 2], "messages": CONVERSATIONS}), path)
     assert read_conversations(path) == read_conversations(chat_jsonl)
+    # the start-up check reads the first record only
+    assert read_conversations(path, limit=1) == read_conversations(chat_jsonl, limit=1)
+    assert len(read_conversations(path, limit=1)) == 1
     out = write_chat_text("unused.gguf", path, tmp_path / "p.txt", template="gemma", dataset="p")
     assert out.read_text(encoding="utf-8") == "".join(GEMMA)
 

@@ -101,19 +101,15 @@ def test_config_errors_fail_at_start_up(tmp_path: Path, dense_model: Path) -> No
     wd = workdir(tmp_path / "w", dense_model, config(template="nope"))
     line = start_up_error(wd)
     assert "datasets.chat.template: unknown chat template 'nope'" in line and "chatml" in line
+    # the tiny dense model has no chat template
+    (wd / "config.yaml").write_text(json.dumps(config()))
+    line = start_up_error(wd)
+    assert "dataset 'chat': models/tiny.gguf has no chat template; set datasets.chat." in line
+    (wd / "data" / "chat.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+    line = start_up_error(wd)
+    assert "data/chat.jsonl:1: record has no field 'messages'" in line
+    wd = workdir(tmp_path / "w2", dense_model, config(template="chatml"))
     (wd / "data" / "prompts.txt").unlink()
-    cfg = config()
-    (wd / "config.yaml").write_text(json.dumps(cfg))
     line = start_up_error(wd)
     assert "datasets.gen.generate.prompts: data/prompts.txt: no such file" in line
-
-
-def test_model_without_template_fails_its_job(tmp_path: Path, dense_model: Path) -> None:
-    wd = workdir(tmp_path / "w", dense_model, config())
-    proc = snakemake(wd, "-c1", f"results/{M}/datasets/chat.txt", check=False)
-    assert proc.returncode == 1
-    log = (wd / f"logs/{M}/datasets/chat.log").read_text()
-    assert (
-        "dataset 'chat': models/tiny.gguf has no chat template; set datasets.chat.template" in log
-    )
-    assert not (wd / f"results/{M}/datasets/chat.txt").exists()
+    assert not (wd / "results").exists()

@@ -94,8 +94,9 @@ def conversation(value: Any, where: str) -> Conversation:
     return out
 
 
-def read_conversations(path: str | Path) -> list[Conversation]:
-    """Every record's conversation, in file order (JSONL or Parquet, by extension)."""
+def read_conversations(path: str | Path, limit: int | None = None) -> list[Conversation]:
+    """Every record's conversation (the first ``limit`` only, if given), in file order;
+    JSONL or Parquet, by extension."""
     from imatrix.workflow.datasets import FORMAT_BY_SUFFIX
 
     p = Path(path)
@@ -104,30 +105,36 @@ def read_conversations(path: str | Path) -> list[Conversation]:
         raise ImatrixError(
             f"{p}: a chat dataset is JSONL or Parquet ({', '.join(FORMAT_BY_SUFFIX)})"
         )
-    records = _parquet_messages(p) if kind == "parquet" else _jsonl_messages(p)
+    try:
+        records = _parquet_messages(p, limit) if kind == "parquet" else _jsonl_messages(p, limit)
+    except UnicodeDecodeError as exc:
+        raise ImatrixError(f"{p}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise ImatrixError(f"{p}: cannot read: {exc.strerror or exc}") from exc
     if not records:
         raise ImatrixError(f"{p}: no records")
     return [conversation(v, where) for where, v in records]
 
 
-def _jsonl_messages(path: Path) -> list[tuple[str, Any]]:
-    from imatrix.workflow.datasets import _read_utf8
-
+def _jsonl_messages(path: Path, limit: int | None) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
-    for i, line in enumerate(_read_utf8(path, "UTF-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ImatrixError(f"{path}:{i}: not a JSON object: {exc.msg}") from exc
-        if not isinstance(rec, dict) or MESSAGES_COLUMN not in rec:
-            raise ImatrixError(f"{path}:{i}: record has no field '{MESSAGES_COLUMN}'")
-        out.append((f"{path}:{i}", rec[MESSAGES_COLUMN]))
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if limit is not None and len(out) >= limit:
+                break
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ImatrixError(f"{path}:{i}: not a JSON object: {exc.msg}") from exc
+            if not isinstance(rec, dict) or MESSAGES_COLUMN not in rec:
+                raise ImatrixError(f"{path}:{i}: record has no field '{MESSAGES_COLUMN}'")
+            out.append((f"{path}:{i}", rec[MESSAGES_COLUMN]))
     return out
 
 
-def _parquet_messages(path: Path) -> list[tuple[str, Any]]:
+def _parquet_messages(path: Path, limit: int | None) -> list[tuple[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -139,8 +146,25 @@ def _parquet_messages(path: Path) -> list[tuple[str, Any]]:
         raise ImatrixError(
             f"{path}: no column '{MESSAGES_COLUMN}' (columns: {', '.join(schema.names)})"
         )
-    values = pq.read_table(path, columns=[MESSAGES_COLUMN]).column(MESSAGES_COLUMN).to_pylist()
+    if limit is None:
+        values = pq.read_table(path, columns=[MESSAGES_COLUMN]).column(0).to_pylist()
+    else:
+        pf = pq.ParquetFile(path)
+        batch = next(pf.iter_batches(batch_size=max(limit, 1), columns=[MESSAGES_COLUMN]), None)
+        values = [] if batch is None else batch.column(0).to_pylist()[:limit]
     return [(f"{path}: row {i}", v) for i, v in enumerate(values)]
+
+
+def check_chat_dataset(
+    path: str | Path, template: str | None, models: list[str], dataset: str
+) -> None:
+    """The start-up check of a chat dataset: its first record is a conversation, and the
+    template is a built-in name or else each model's own is one llama.cpp knows."""
+    read_conversations(path, limit=1)
+    if template is not None:
+        check_template_name(template, dataset)
+    for model in models:
+        resolve_template(model, None, dataset)
 
 
 def render_conversations(conversations: Sequence[Conversation], template: str) -> list[str]:

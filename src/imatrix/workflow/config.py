@@ -60,7 +60,7 @@ def check_config(config: Mapping[str, Any]) -> None:
     for name, ds in config["datasets"].items():
         if "path" in ds:
             _need_file(f"datasets.{name}.path", ds["path"])
-    check_model_datasets(config["datasets"])
+    check_model_datasets(config["datasets"], config["models"])
     canonical_quant_types(config["quantize"]["types"])
     text = config["evaluate"].get("text")
     if text is not None:

@@ -45,10 +45,14 @@ def parse_special(ds: Mapping[str, Any], default: bool) -> bool:
     return True if is_chat(ds) else bool(default)
 
 
-def check_model_datasets(datasets: Mapping[str, Mapping[str, Any]]) -> None:
-    """Start-up checks the schema cannot make: prompts files exist, a ``template:`` is a
-    built-in name (when llama_cpp can be imported here; the job checks it anyway), and
-    ``template:``/``generate:`` are not given where they mean nothing."""
+def check_model_datasets(
+    datasets: Mapping[str, Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Start-up checks the schema cannot make: prompts files exist, ``template:`` and
+    ``generate:`` only where they mean something, and a chat dataset's first record and
+    template are usable (:func:`imatrix.chat.check_chat_dataset`; the model's own
+    template only for models given by path, and only where llama_cpp can be imported:
+    Snakemake's own environment may lack it, and the job checks again)."""
     for name, ds in datasets.items():
         if "generate" in ds:
             if "path" in ds:
@@ -56,22 +60,22 @@ def check_model_datasets(datasets: Mapping[str, Mapping[str, Any]]) -> None:
             prompts = Path(ds["generate"]["prompts"])
             if not prompts.is_file():
                 raise ImatrixError(f"datasets.{name}.generate.prompts: {prompts}: no such file")
-            if is_chat(ds):
-                raise ImatrixError(f"datasets.{name}: a generated dataset is not chat data")
-        if "template" in ds:
-            if not is_chat(ds):
-                raise ImatrixError(f"datasets.{name}.template: only for format: chat")
-            _check_template(name, ds["template"])
+        if "template" in ds and not is_chat(ds):
+            raise ImatrixError(f"datasets.{name}.template: only for format: chat")
+        if is_chat(ds) and "generate" in ds:
+            raise ImatrixError(f"datasets.{name}: a generated dataset is not chat data")
+        if is_chat(ds) and _have_llama_cpp():
+            from imatrix.chat import check_chat_dataset
+
+            template = ds.get("template")
+            paths = [m["path"] for m in models.values() if "path" in m and template is None]
+            check_chat_dataset(ds["path"], template, paths, name)
 
 
-def _check_template(dataset: str, template: str) -> None:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:  # Snakemake's own environment may lack it; the job checks
-        return
-    from imatrix.chat import check_template_name
+def _have_llama_cpp() -> bool:
+    import importlib.util
 
-    check_template_name(template, dataset)
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def write_model_dataset_text(
