@@ -106,6 +106,20 @@ def test_jsonl_prompts_may_span_lines(dense_model: Path, tmp_path: Path) -> None
     assert json.loads(out.read_text(encoding="utf-8"))["prompt"] == "The old\nhouse"
 
 
+def test_ignore_eos_gives_every_prompt_all_its_tokens(
+    dense_model: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """At a high temperature the tiny model draws its EOS within 64 tokens for the second
+    prompt of seed 1 (pinned: the run is reproducible); with ignore_eos it never does."""
+    counts = {}
+    for ignore in (False, True):
+        out = tmp_path / f"{ignore}.jsonl"
+        settings = GenerateSettings(64, seed=1, temperature=100.0, threads=1, ignore_eos=ignore)
+        generate_file(dense_model, prompts, out, settings)
+        counts[ignore] = [json.loads(x)["n_tokens"] for x in out.read_text().splitlines()]
+    assert counts[False][1] < 64 and counts[True] == [64, 64, 64], counts
+
+
 @pytest.mark.parametrize("tokens", [0, -5])
 def test_settings_refuse_nonpositive_tokens(tokens: int) -> None:
     with pytest.raises(ImatrixError, match="tokens to generate must be positive"):

@@ -18,7 +18,9 @@ and one differently drawn token changes everything after it); rarely, numpy's ``
 
 Generation per prompt: the prompt is tokenized with the model's BOS (special tokens
 not parsed), then up to ``tokens`` tokens are drawn, stopping early at an
-end-of-generation token (EOS, EOT), which is not written. A record's ``text`` is the
+end-of-generation token (EOS, EOT), which is not written; with ``ignore_eos`` those
+tokens are never drawn (their logits masked, as llama.cpp's ``--ignore-eos`` does), so
+every prompt gets exactly ``tokens`` tokens and a dataset's size is known in advance. A record's ``text`` is the
 prompt followed by its continuation, so it reads as one text.
 """
 
@@ -39,7 +41,7 @@ from imatrix.atomic import atomic_write
 from imatrix.errors import ImatrixError
 from imatrix.hashing import sha256_file
 from imatrix.llama_api import Batch, Context, default_threads, load_model, tokenize
-from imatrix.llama_text import is_end_of_generation, token_piece
+from imatrix.llama_text import end_of_generation_tokens, is_end_of_generation, token_piece
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class GenerateSettings:
     seed: int
     temperature: float = 1.0
     threads: int | None = None
+    #: never draw an end-of-generation token (llama.cpp's --ignore-eos): exactly
+    #: ``tokens`` tokens per prompt
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.tokens <= 0:
@@ -105,6 +110,7 @@ def generate_texts(
 
     with load_model(model_path, n_gpu_layers=0) as model:
         encoded = [tokenize(model, p, add_special=True, parse_special=False) for p in prompts]
+        banned = end_of_generation_tokens(model) if settings.ignore_eos else []
         longest = max(t.size for t in encoded)
         n_ctx = longest + settings.tokens
         out = []
@@ -118,7 +124,8 @@ def generate_texts(
             for i, toks in enumerate(encoded):
                 ctx.clear()
                 t0 = time.perf_counter()
-                drawn = _continue(ctx, batch, toks, settings, prompt_rng(settings.seed, i), bar)
+                rng = prompt_rng(settings.seed, i)
+                drawn = _continue(ctx, batch, toks, settings, rng, banned, bar)
                 dt = time.perf_counter() - t0
                 log.info("prompt %d/%d: %d tokens in %.1f s", i + 1, len(prompts), len(drawn), dt)
                 text = b"".join(token_piece(model, t) for t in drawn).decode("utf-8", "replace")
@@ -132,17 +139,22 @@ def _continue(
     prompt: np.ndarray,
     settings: GenerateSettings,
     rng: random.Random,
+    banned: list[int],
     bar: Any,
 ) -> list[int]:
     """Draw up to ``settings.tokens`` tokens after ``prompt`` (stopping at an
-    end-of-generation token, which is not returned)."""
+    end-of-generation token, which is not returned), never one of ``banned``."""
     n = prompt.size
     last = np.zeros(n, dtype=np.int8)
     last[-1] = 1
     ctx.decode_tokens(batch, prompt, np.arange(n, dtype=np.int32), 0, last)
     drawn: list[int] = []
     while True:
-        tok = sample_token(ctx.logits(1)[0], settings.temperature, rng)
+        logits = ctx.logits(1)[0]
+        if banned:
+            logits = logits.copy()
+            logits[banned] = -np.inf
+        tok = sample_token(logits, settings.temperature, rng)
         if is_end_of_generation(ctx.model, tok):
             bar.update(settings.tokens - len(drawn))
             return drawn
@@ -172,6 +184,7 @@ def generate_records(
             "seed": settings.seed,
             "temperature": settings.temperature,
             "threads": settings.threads,
+            "ignore_eos": settings.ignore_eos,
             "model": str(model_path),
             "model_sha256": model_sha,
             "version": __version__,

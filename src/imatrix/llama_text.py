@@ -89,3 +89,11 @@ def is_end_of_generation(model: Model, token: int) -> bool:
     import llama_cpp
 
     return bool(llama_cpp.llama_vocab_is_eog(model.vocab, token))
+
+
+def end_of_generation_tokens(model: Model) -> list[int]:
+    """Every token id the model ends its text with (to mask them out)."""
+    import llama_cpp
+
+    vocab = model.vocab
+    return [t for t in range(model.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]

@@ -21,5 +21,6 @@ generate_file(
         seed=gen["seed"],
         temperature=gen["temperature"],
         threads=gen["threads"],
+        ignore_eos=gen["ignore_eos"],
     ),
 )

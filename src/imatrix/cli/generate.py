@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--temperature", type=_temperature, default=1.0, help="softmax temperature (default 1)"
     )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="never end a text early: mask the end-of-generation tokens (as llama.cpp)",
+    )
     p.add_argument("-t", "--threads", type=_positive_int, default=None, help="threads")
     p.add_argument("-o", "--output", required=True, help="JSONL dataset to write")
     add_verbosity(p)
@@ -58,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
     check_writable(args.output)
     settings = GenerateSettings(
-        tokens=args.n_predict, seed=args.seed, temperature=args.temperature, threads=args.threads
+        tokens=args.n_predict,
+        seed=args.seed,
+        temperature=args.temperature,
+        threads=args.threads,
+        ignore_eos=args.ignore_eos,
     )
     generate_file(args.model, args.prompts, args.output, settings)
     return 0
