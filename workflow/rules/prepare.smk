@@ -68,8 +68,8 @@ rule generate_dataset:
     # the configured count, whatever --cores is: it is part of what makes the text
     threads: lambda wildcards: get_generate_settings(wildcards)["threads"]
     resources:
-        mem_mb=get_mem_mb("generate"),
-        runtime=get_runtime("generate"),
+        mem_mb=get_mem_mb("generate_dataset"),
+        runtime=get_runtime("generate_dataset"),
     params:
         settings=get_generate_settings,
     script:
