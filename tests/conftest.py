@@ -23,7 +23,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tinymodels import DENSE, MOE, sample_text, write_tiny_model  # noqa: E402
+from tinymodels import (  # noqa: E402
+    CHATML_JINJA,
+    CHATML_TOKENS,
+    DENSE,
+    MOE,
+    sample_text,
+    write_tiny_model,
+)
 
 from imatrix.errors import ImatrixError  # noqa: E402
 from imatrix.reference import pinned_tools_dir  # noqa: E402
@@ -31,7 +38,14 @@ from imatrix.reference import pinned_tools_dir  # noqa: E402
 #: modules whose tests run whole workflows, clusters, the demo model or many killed
 #: processes: in the slow (``llama``) tier whatever fixtures they use
 SLOW_MODULES = frozenset(
-    {"test_workflow", "test_workflow_kill", "test_slurm", "test_demo", "test_crash_resume"}
+    {
+        "test_workflow",
+        "test_workflow_kill",
+        "test_slurm",
+        "test_demo",
+        "test_crash_resume",
+        "test_workflow_datasets",
+    }
 )
 #: single tests (module, function) of several seconds each that repeat whole collections
 #: to prove equal results, run Snakemake or draw every plot: in the slow tier too, so the
@@ -103,6 +117,19 @@ def dense_model(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def moe_model(models_dir: Path) -> Path:
     return write_tiny_model(models_dir / "tiny-moe.gguf", MOE, seed=2)
+
+
+@pytest.fixture(scope="session")
+def chat_model(models_dir: Path) -> Path:
+    """The dense model with chatml's turn markers as control tokens and its Jinja
+    template in ``tokenizer.chat_template``."""
+    return write_tiny_model(
+        models_dir / "tiny-chat.gguf",
+        DENSE,
+        seed=6,
+        chat_template=CHATML_JINJA,
+        control_tokens=CHATML_TOKENS,
+    )
 
 
 @pytest.fixture(params=["dense", "moe"])

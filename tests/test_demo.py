@@ -3,7 +3,8 @@ its chunk packages (the ``demo`` extra), through tokenize → collect → merge 
 evaluate, by ``snakemake`` started from the root of a copy of this checkout (no ``-s``:
 Snakemake finds the workflow as a user's run does, and the demo's config/config.yaml is
 the config, copied with a few values made smaller): two chunks of each dataset (one
-per shard), one quant type, two evaluation chunks.
+per shard), one quant type, two evaluation chunks. One dataset is text gemma writes
+itself (``generate:``).
 
 What is proven: the outputs exist and are sane; the merged imatrix has an entry for
 every tensor llama-imatrix collects on the same F16 base (and no other), with the
@@ -35,8 +36,8 @@ M = "gemma-3-270m"
 RUN_TIMEOUT = 900
 #: the config file the test writes: the demo's own, with the changes of :func:`smaller`
 CONFIG = "demo-small.yaml"
-#: chunks collected: 2 of each of the demo's two datasets, one per shard
-CHUNKS = 4
+#: chunks collected of each of the demo's datasets, one per shard
+CHUNKS_PER_DATASET = 2
 EVAL_CHUNKS = 2
 N_CTX = 512  # the demo config's collect.n_ctx, left as it is
 LLAMA_FTYPE_Q4_K_M = 15  # llama.h's LLAMA_FTYPE_MOSTLY_Q4_K_M, in general.file_type
@@ -80,7 +81,7 @@ def smaller(cfg: dict[str, Any]) -> dict[str, Any]:
     as the demo has it. A full copy rather than ``--config key=value``: Snakemake reads
     nested ``--config`` values as strings, which the schema rightly refuses."""
     for ds in cfg["datasets"].values():
-        ds["chunks"] = CHUNKS // len(cfg["datasets"])
+        ds["chunks"] = CHUNKS_PER_DATASET
     cfg["output_formats"] = ["gguf"]
     cfg["quantize"].update(types=["Q4_K_M"], compare_without_imatrix=False)
     cfg["evaluate"]["chunks"] = EVAL_CHUNKS
@@ -103,20 +104,21 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_outputs_exist_and_are_sane(demo_run: Path) -> None:
     for t in TARGETS:
         assert (demo_run / t).is_file(), t
+    datasets = yaml.safe_load((demo_run / CONFIG).read_text(encoding="utf-8"))["datasets"]
     shards = sorted((demo_run / f"results/{M}/shards").rglob("*.gguf"))
     assert [p.relative_to(demo_run / f"results/{M}/shards").as_posix() for p in shards] == [
-        "prose/0.gguf",
-        "prose/1.gguf",
-        "technical/0.gguf",
-        "technical/1.gguf",
+        f"{d}/{s}.gguf" for d in sorted(datasets) for s in range(CHUNKS_PER_DATASET)
     ]
+    assert {"prose", "technical", "generated"} <= set(datasets)
+    assert (demo_run / f"results/{M}/generated/generated.jsonl").is_file()
+    chunks = CHUNKS_PER_DATASET * len(datasets)
     assert not list((demo_run / "results").rglob("*.checkpoint"))
     im = read_imatrix(demo_run / f"results/{M}/imatrix.gguf")
-    assert im.chunk_count == CHUNKS
+    assert im.chunk_count == chunks
     assert im.chunk_size == N_CTX
     for name, e in im.entries.items():
         # a dense model: every matrix saw every token of every chunk
-        assert e.counts.tolist() == [CHUNKS * N_CTX], name
+        assert e.counts.tolist() == [chunks * N_CTX], name
         assert np.isfinite(e.values).all() and (e.values >= 0).all() and e.values.any(), name
         assert e.sums is not None and np.isfinite(e.sums).all(), name
 

@@ -70,17 +70,37 @@ DENSE = TinySpec()
 MOE = TinySpec(n_expert=4, n_expert_used=2)
 
 
+#: the chatml template as models ship it (Jinja; llama.cpp recognises it by ``<|im_start|>``)
+CHATML_JINJA = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+#: the control tokens chatml needs, added to the vocabulary of the chat model
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
 def write_tiny_model(
-    path: str | Path, spec: TinySpec = DENSE, seed: int = 0, nan_weights: bool = False
+    path: str | Path,
+    spec: TinySpec = DENSE,
+    seed: int = 0,
+    nan_weights: bool = False,
+    chat_template: str | None = None,
+    control_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Write a tiny llama GGUF to ``path`` and return the path.
 
     ``nan_weights`` plants NaNs in one FFN weight, for tests of non-finite activations.
+    ``chat_template`` is stored as ``tokenizer.chat_template``; ``control_tokens`` are
+    appended to the vocabulary as control tokens (e.g. a template's turn markers).
     """
     import gguf  # imported here: only tests and fixtures need gguf-py's writer
 
     rng = np.random.default_rng(seed)
     tokens, scores, types = vocabulary()
+    tokens += control_tokens
+    scores += [0.0] * len(control_tokens)
+    types += [TOKEN_CONTROL] * len(control_tokens)
     n_vocab = len(tokens)
     path = Path(path)
     w = gguf.GGUFWriter(str(path), "llama")
@@ -108,6 +128,8 @@ def write_tiny_model(
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     mat_dtype = np.float16 if spec.f16 else np.float32
 

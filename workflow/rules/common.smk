@@ -22,6 +22,7 @@ from imatrix.workflow.config import (  # noqa: E402
     types_without_imatrix,
 )
 from imatrix.workflow.datasets import dataset_format  # noqa: E402
+from imatrix.workflow import model_datasets  # noqa: E402
 from imatrix.workflow.shards import dataset_chunks, shard_count  # noqa: E402
 
 try:
@@ -76,8 +77,11 @@ def get_dataset_path(wildcards):
 
 
 def get_dataset_text(wildcards):
-    """Plain text of a dataset: text files as they are, JSONL/Parquet extracted first."""
+    """Plain text of a dataset: text files as they are, JSONL/Parquet extracted first,
+    chat and generated datasets per model."""
     ds = config["datasets"][wildcards.d]
+    if model_datasets.is_model_bound(ds):
+        return model_datasets.model_text_path(wildcards.m, wildcards.d)
     if dataset_format(ds["path"], ds["format"]) == "text":
         return ds["path"]
     return f"results/datasets/{wildcards.d}.txt"
@@ -87,6 +91,36 @@ def get_dataset_settings(wildcards):
     """How the text of a JSONL/Parquet dataset is extracted."""
     ds = config["datasets"][wildcards.d]
     return {"format": ds["format"], "text_column": ds["text_column"]}
+
+
+def get_model_dataset_inputs(wildcards):
+    """Inputs of a model's text of a chat dataset (the file and the model, whose
+    template renders it) or of a generated one (the model's JSONL)."""
+    ds = config["datasets"][wildcards.d]
+    if model_datasets.is_chat(ds):
+        return {"data": ds["path"], "model": get_base_model(wildcards)}
+    return {"data": model_datasets.generated_path(wildcards.m, wildcards.d)}
+
+
+def get_model_dataset_settings(wildcards):
+    """What decides a model's text of a chat or generated dataset (a change reruns it)."""
+    ds = config["datasets"][wildcards.d]
+    return {"format": ds["format"], "template": ds.get("template")}
+
+
+def get_generate_prompts(wildcards):
+    return config["datasets"][wildcards.d]["generate"]["prompts"]
+
+
+def get_generate_settings(wildcards):
+    """tokens, seed, temperature and threads of a generated dataset."""
+    return config["datasets"][wildcards.d]["generate"]
+
+
+def get_parse_special(wildcards):
+    """Special tokens parsed when tokenizing: always for chat data (turn markers)."""
+    ds = config["datasets"][wildcards.d]
+    return model_datasets.parse_special(ds, COLLECT["parse_special"])
 
 
 def n_shards(m, d):

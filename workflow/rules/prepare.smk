@@ -4,6 +4,7 @@
 localrules:
     demo_model,
     dataset_text,
+    model_dataset_text,
     tokenize,
 
 
@@ -52,6 +53,44 @@ rule dataset_text:
         "../scripts/dataset_text.py"
 
 
+rule generate_dataset:
+    input:
+        model=get_base_model,
+        prompts=get_generate_prompts,
+    output:
+        data="results/{m}/generated/{d}.jsonl",
+    log:
+        "logs/{m}/generate/{d}.log",
+    benchmark:
+        "results/benchmarks/{m}/generate/{d}.tsv"
+    conda:
+        conda_env()
+    # the configured count, whatever --cores is: it is part of what makes the text
+    threads: lambda wildcards: get_generate_settings(wildcards)["threads"]
+    resources:
+        mem_mb=get_mem_mb("generate_dataset"),
+        runtime=get_runtime("generate_dataset"),
+    params:
+        settings=get_generate_settings,
+    script:
+        "../scripts/generate_dataset.py"
+
+
+rule model_dataset_text:
+    input:
+        unpack(get_model_dataset_inputs),
+    output:
+        text="results/{m}/datasets/{d}.txt",
+    log:
+        "logs/{m}/datasets/{d}.log",
+    conda:
+        conda_env()
+    params:
+        settings=get_model_dataset_settings,
+    script:
+        "../scripts/model_dataset_text.py"
+
+
 checkpoint tokenize:
     input:
         model=get_base_model,
@@ -64,6 +103,6 @@ checkpoint tokenize:
     conda:
         conda_env()
     params:
-        parse_special=COLLECT["parse_special"],
+        parse_special=get_parse_special,
     script:
         "../scripts/tokenize_text.py"

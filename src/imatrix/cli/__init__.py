@@ -33,6 +33,7 @@ _SUBCOMMANDS = (
     "collect",
     "tokenize",
     "plan",
+    "generate",
 )
 
 

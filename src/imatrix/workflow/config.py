@@ -12,6 +12,7 @@ from typing import Any
 
 from imatrix.errors import ImatrixError
 from imatrix.qtypes import QUANT_TYPES, parse_quant_type, requires_imatrix
+from imatrix.workflow.model_datasets import check_model_datasets
 
 #: Packaged model sources a config may name instead of a path.
 MODEL_SOURCES = ("gemma-3-270m-q4_k_m",)
@@ -72,7 +73,9 @@ def check_config(config: Mapping[str, Any]) -> None:
                 f"(known: {', '.join(MODEL_SOURCES)})"
             )
     for name, ds in config["datasets"].items():
-        _need_file(f"datasets.{name}.path", ds["path"])
+        if "path" in ds:
+            _need_file(f"datasets.{name}.path", ds["path"])
+    check_model_datasets(config["datasets"], config["models"])
     canonical_quant_types(config["quantize"]["types"])
     text = config["evaluate"].get("text")
     if text is not None:

@@ -48,6 +48,7 @@ STEPS: dict[str, StepResources] = {
     "coverage": StepResources(input_copies=1, runtime_min=30),
     "quantize": StepResources(input_copies=2, runtime_min=60),
     "evaluate": StepResources(input_copies=1, runtime_min=120),
+    "generate_dataset": StepResources(input_copies=1, runtime_min=120),
 }
 
 
