@@ -24,6 +24,7 @@ rule evaluate:
         mem_mb=get_mem_mb("evaluate"),
         runtime=get_runtime("evaluate"),
     params:
+        recipes=get_quant_recipes,
         n_ctx=EVALUATE["n_ctx"],
         chunks=EVALUATE["chunks"],
         ngl=execution_setting(EVALUATE["ngl"]),
