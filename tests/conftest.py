@@ -31,7 +31,14 @@ from imatrix.reference import pinned_tools_dir  # noqa: E402
 #: modules whose tests run whole workflows, clusters, the demo model or many killed
 #: processes: in the slow (``llama``) tier whatever fixtures they use
 SLOW_MODULES = frozenset(
-    {"test_workflow", "test_workflow_kill", "test_slurm", "test_demo", "test_crash_resume"}
+    {
+        "test_workflow",
+        "test_workflow_kill",
+        "test_workflow_plan",
+        "test_slurm",
+        "test_demo",
+        "test_crash_resume",
+    }
 )
 #: single tests (module, function) of several seconds each that repeat whole collections
 #: to prove equal results, run Snakemake or draw every plot: in the slow tier too, so the

@@ -56,7 +56,8 @@ DEFAULT_STATISTICS = ("sum_sqact", "entropy_norm_pct", "zd_pct", "cossim")
 PREFERRED_STATISTICS = ("l2_dist", "cossim_act", "ecs")
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG, atomically."""
     p = Path(path)
     FigureCanvasAgg(fig)
     with atomic_output(p) as tmp:
@@ -220,7 +221,7 @@ def plot_layer_heatmap(
     fig.tight_layout()
     if grid.size <= MAX_LABELLED_CELLS:
         _annotate(fig, ax, grid, cmap, norm)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def expert_counts(data: ImatrixData) -> tuple[np.ndarray, list[int], str] | None:
@@ -290,7 +291,7 @@ def plot_expert_counts(
     fig.tight_layout()
     if grid.size <= MAX_LABELLED_EXPERT_CELLS:
         _annotate(fig, ax, shown, cmap, norm)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_comparison(
@@ -346,7 +347,7 @@ def plot_comparison(
     if g1.size <= MAX_LABELLED_CELLS:
         _annotate(fig, ax1, g1, *heat1)
         _annotate(fig, ax2, g2, *heat2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_plots(

@@ -209,6 +209,7 @@ def get_all_targets(wildcards):
         if EVALUATE["text"] is not None and QUANT_TYPES:
             out += [
                 f"results/{m}/eval/summary.parquet",
+                f"results/{m}/eval/kld_vs_size.png",
                 f"results/{m}/report/evaluation.html",
             ]
     return out
