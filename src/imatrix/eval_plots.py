@@ -102,6 +102,11 @@ def _panel(ax: Axes, df: pd.DataFrame, title: str) -> None:
 def plot_kld_vs_size(summary: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
     """KLD against file size of every quant of an evaluation summary (the base left out),
     one panel per evaluation text when the summary has several (``eval_set``)."""
+    return save_figure(kld_figure(summary, title=title), path)
+
+
+def kld_figure(summary: pd.DataFrame, *, title: str = "") -> Figure:
+    """The figure of :func:`plot_kld_vs_size`."""
     df = summary[~summary["is_base"].astype(bool)]
     if df.empty:
         raise ImatrixError("the evaluation summary has no quantized model to plot")
@@ -115,4 +120,4 @@ def plot_kld_vs_size(summary: pd.DataFrame, path: str | Path, *, title: str = ""
         name = f"evaluation text: {s}" if s is not None else "KL divergence against file size"
         _panel(ax, part, f"{title}{' — ' if title else ''}{name}")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
