@@ -97,7 +97,7 @@ def test_summary_has_recipe_and_ftype(planned_run: Path) -> None:
 
     res = planned_run / f"results/{M}"
     df = pd.read_parquet(res / "eval/summary.parquet").set_index("model")
-    assert df.loc[f"{M}-Q4_K_M", "recipe"] is None
+    assert pd.isna(df.loc[f"{M}-Q4_K_M", "recipe"])
     assert df.loc[f"{M}-Q4_K_M", "type"] == "Q4_K_M"
     for p in PLANS:
         car = json.loads((res / f"plan/{p['name']}.txt.json").read_text())

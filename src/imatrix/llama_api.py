@@ -245,18 +245,20 @@ def load_model(
 class _TakeLines(logging.Filter):
     """Takes llama.cpp's lines at ``level`` and above out of the log while a call runs:
     they become part of our one-line error message or are parsed (a dry run's tensor
-    list); those above DEBUG are passed on at DEBUG for ``-v`` runs."""
+    list); those above DEBUG are passed on at DEBUG when the user asked for DEBUG
+    (``-v``) before the capture opened the logger."""
 
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, pass_on: bool) -> None:
         super().__init__()
         self.level = level
+        self.pass_on = pass_on
         self.lines: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < self.level or getattr(record, _PASSED_ON, False):
             return True
         self.lines.append(record.getMessage())
-        if record.levelno > logging.DEBUG:
+        if self.pass_on and record.levelno > logging.DEBUG:
             llama_log.debug("%s", record.getMessage(), extra={_PASSED_ON: True})
         return False
 
@@ -274,7 +276,7 @@ def llama_log_lines(level: int = logging.ERROR) -> Iterator[list[str]]:
     logger is opened down to ``level`` for the duration; everything at or above it is
     taken, so nothing new reaches the user's handlers."""
     init_backend()
-    f = _TakeLines(level)
+    f = _TakeLines(level, pass_on=llama_log.isEnabledFor(logging.DEBUG))
     old = llama_log.level
     if not llama_log.isEnabledFor(level):
         llama_log.setLevel(level)
