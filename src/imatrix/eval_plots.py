@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from imatrix.errors import ImatrixError
-from imatrix.plots import save_figure
+from imatrix.plots import compact_number, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,16 @@ def _panel(ax: Axes, df: pd.DataFrame, title: str) -> None:
             ax.annotate(
                 _label(row),
                 (xi, yi),
-                xytext=(5, -10) if kind == "plain" else (5, 3),  # apart from the same type
+                # left of the point: apart from the same type with the imatrix
+                xytext=(-6, 3) if kind == "plain" else (5, 3),
+                ha="right" if kind == "plain" else "left",
                 textcoords="offset points",
                 fontsize=7,
                 color=colour,
             )
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: compact_number(v)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: compact_number(v)))
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("mean KL divergence from the base")
     ax.grid(True, which="major", alpha=0.3)
