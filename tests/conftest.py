@@ -41,6 +41,7 @@ SLOW_MODULES = frozenset(
     {
         "test_workflow",
         "test_workflow_kill",
+        "test_workflow_plan",
         "test_slurm",
         "test_demo",
         "test_crash_resume",

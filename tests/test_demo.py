@@ -76,14 +76,16 @@ pytestmark = pytest.mark.timeout(RUN_TIMEOUT + 300)
 
 
 def smaller(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The demo config with two chunks per dataset, one quant type, no extra imatrix
-    formats and two evaluation chunks; everything else (model, datasets, n_ctx, shards)
+    """The demo config with two chunks per dataset, one quant type and no plans, no extra
+    imatrix formats and two evaluation chunks; everything else (model, datasets, n_ctx, shards)
     as the demo has it. A full copy rather than ``--config key=value``: Snakemake reads
     nested ``--config`` values as strings, which the schema rightly refuses."""
     for ds in cfg["datasets"].values():
         ds["chunks"] = CHUNKS_PER_DATASET
     cfg["output_formats"] = ["gguf"]
-    cfg["quantize"].update(types=["Q4_K_M"], compare_without_imatrix=False)
+    # no plans: planning calibrates a dozen models (tests/test_workflow_plan.py covers
+    # the planned quants on the tiny model, benchmarks/plan.py on this one)
+    cfg["quantize"].update(types=["Q4_K_M"], compare_without_imatrix=False, plans=[])
     cfg["evaluate"]["chunks"] = EVAL_CHUNKS
     return cfg
 

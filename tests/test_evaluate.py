@@ -319,10 +319,17 @@ def test_summary_facts(dense_model, quants, calib_text, tmp_path):
     im = _imatrix(tmp_path / "im.gguf", ["blk.0.ffn_up.weight"])
     qi = quantize(dense_model, tmp_path / "with-im.gguf", "Q4_K_M", imatrix=str(im))
     df = evaluate(
-        dense_model, [qi, quants["dense"]["Q6_K"]], calib_text, n_ctx=N_CTX, chunks=2, threads=1
+        dense_model,
+        [qi, quants["dense"]["Q6_K"]],
+        calib_text,
+        n_ctx=N_CTX,
+        chunks=2,
+        threads=1,
+        recipes={str(qi): "my-mix"},
     )
     assert list(df.columns) == SUMMARY_COLUMNS
     assert list(df["type"]) == ["F16", "Q4_K_M", "Q6_K"]
+    assert df["recipe"].fillna("").tolist() == ["", "my-mix", ""]  # null for stock types
     assert list(df["imatrix"]) == [False, True, False]
     assert list(df["is_base"]) == [True, False, False]
     assert df.iloc[1]["imatrix_file"] == str(im)

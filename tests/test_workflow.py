@@ -58,6 +58,7 @@ TARGETS = [
     f"results/{M}/quant/noimatrix/{M}-Q4_K_M.gguf",
     f"results/{M}/eval/summary.parquet",
     f"results/{M}/report/evaluation.html",
+    f"results/{M}/eval/kld_vs_size.png",
 ]
 SHARDS = [f"results/{M}/shards/{d}/{s}.gguf" for d in ("alpha", "beta") for s in range(3)]
 #: outputs that must be byte-identical between two runs from scratch
@@ -160,6 +161,7 @@ EXPECTED_JOBS = {
     "quantize_noimatrix": 1,  # IQ3_XXS needs an imatrix
     "evaluate": 1,
     "report_evaluation": 1,
+    "plot_evaluation": 1,
     "all": 1,
 }
 
@@ -259,7 +261,7 @@ def test_report(run_a: Path, tmp_path: Path) -> None:
     for t in ("F16", "Q4_K_M", "IQ3_XXS"):
         assert f"<td>{t}</td>" in evaluation, t
     # every plot, as PNG, byte for byte
-    plots = sorted((results / "stats/plots").glob("*.png"))
+    plots = [*sorted((results / "stats/plots").glob("*.png")), results / "eval/kld_vs_size.png"]
     assert plots
     for png in plots:
         assert files.get(png.name) == [png.read_bytes()], png.name

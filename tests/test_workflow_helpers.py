@@ -443,3 +443,39 @@ def test_slurm_profile_adds_only_site_settings() -> None:
     # the batch shell (B:), which would leave it KillWait seconds instead
     extra = profile["set-resources"]["collect"]["slurm_extra"]
     assert re.fullmatch(r"'--signal=TERM@\d+'", extra), extra
+
+
+@pytest.mark.parametrize(
+    "plans,message",
+    [
+        ([{"name": "Q4_K_M", "like": "Q2_K"}], r"plan name 'Q4_K_M' is a llama.cpp type name"),
+        ([{"name": "iq4_nl", "like": "Q2_K"}], r"plan name 'iq4_nl' is a llama.cpp type name"),
+        ([{"name": "f16", "target_bpw": 5}], r"plan name 'f16' is a llama.cpp type name"),
+        ([{"name": "a", "like": "Q2_K", "target_size": 9}], r"\[0\] \(a\): give exactly one"),
+        ([{"name": "a"}], r"give exactly one of like, target_bpw, target_size \(got none\)"),
+        ([{"name": "a", "like": "Q2_K"}, {"name": "A", "like": "Q2_K"}], r"'A' is used twice"),
+        ([{"name": "a", "like": "Q9_X"}], r"quantize.plans\[0\] \(a\): .*Q9_X"),
+        ([{"name": "a", "like": "F16"}], r"not a quantized type"),
+    ],
+)
+def test_check_plans_refuses(plans: list[dict], message: str) -> None:
+    from imatrix.workflow.plans import check_plans
+
+    with pytest.raises(ImatrixError, match=message):
+        check_plans(plans)
+
+
+def test_check_plans_accepts_each_budget() -> None:
+    from imatrix.workflow.plans import check_plans, plan_budget
+
+    plans = [
+        {"name": "mix-Q4_K_M", "like": "q4_k_m"},
+        {"name": "b", "target_bpw": 5.5},
+        {"name": "c", "target_size": 10**8},
+    ]
+    check_plans(plans)
+    assert [plan_budget(p).describe() for p in plans] == [
+        {"like": "Q4_K_M"},
+        {"target_bpw": 5.5},
+        {"target_size": 10**8},
+    ]

@@ -47,7 +47,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,7 @@ DEFAULT_BLOCK_MB = 32
 SUMMARY_COLUMN_DOCS: dict[str, str] = {
     "model": "file name without .gguf",
     "type": "llama-quantize type from general.file_type (F16, Q4_K_M, ...)",
+    "recipe": "the plan whose recipe made the model (imatrix plan); null for a stock mix",
     "imatrix": "quantized with an imatrix (quantize.imatrix.* not inherited from the base)",
     "is_base": "the reference model",
     "file_size": "bytes on disk (all splits)",
@@ -110,8 +111,12 @@ SUMMARY_COLUMN_DOCS: dict[str, str] = {
     "text": "the evaluation text",
 }
 SUMMARY_COLUMNS = list(SUMMARY_COLUMN_DOCS)
-#: columns added later: missing (NaN) in older summaries, which can still be merged
-_ADDED_COLUMNS = ("kld_ci_low", "kld_ci_high")
+#: columns added later, with their value in older summaries (which can still be merged)
+_ADDED_COLUMNS: dict[str, float | None] = {
+    "kld_ci_low": math.nan,
+    "kld_ci_high": math.nan,
+    "recipe": None,
+}
 
 _ALIASES = {"Q3_K", "Q4_K", "Q5_K", "COPY"}
 _FTYPE_NAMES = {v: k for k, v in reversed(QUANT_TYPES.items()) if k not in _ALIASES}
@@ -678,15 +683,19 @@ def summary_table(
     base_nll: np.ndarray,
     accs: list[Accumulator],
     common: dict[str, object],
+    recipes: Sequence[str | None] = (),
 ) -> pd.DataFrame:
-    """One row per model (the base first) with the columns :data:`SUMMARY_COLUMNS`."""
+    """One row per model (the base first) with the columns :data:`SUMMARY_COLUMNS`;
+    ``recipes``: the plan name of each quant (None for a stock mix)."""
     rows_out = []
+    recipe_of = [None, *recipes]
     for i, f in enumerate(facts):
         stats = base_summary(base_nll) if i == 0 else summarize(accs[i - 1], base_nll)
         rows_out.append(
             {
                 "model": f.name,
                 "type": f.type,
+                "recipe": recipe_of[i] if i < len(recipe_of) else None,
                 # quantized with an imatrix: it has quantize.imatrix.* entries that it did
                 # not inherit from the base (a base requantized from an imatrix quant
                 # passes its entries on to every quant made from it)
@@ -718,6 +727,7 @@ def evaluate(
     n_gpu_layers: int = -1,
     parse_special: bool = False,
     kld_method: str = "exact",
+    recipes: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Evaluate ``quants`` against ``base`` on the text file ``text``.
 
@@ -727,7 +737,8 @@ def evaluate(
     ``threads`` (default: the physical cores) are shared by the models, which decode
     side by side; ``rows`` is the block size (logits rows decoded and compared at
     once), default from :func:`default_rows`; ``kld_method`` "exact" or "llama" (see
-    the module docstring). Raises :class:`ImatrixError` for a text that is too
+    the module docstring); ``recipes`` maps a quant (as given in ``quants``) to the name
+    of the plan that made it, for the ``recipe`` column. Raises :class:`ImatrixError` for a text that is too
     short, a model that does not load, or models with different vocabularies.
     """
     from imatrix.llama_api import default_threads, load_model
@@ -759,7 +770,8 @@ def evaluate(
         bnll = _run_chunks(decoders, work, plan, tokens, bm.bos if bm.add_bos else None)
         facts = [model_facts(m) for m in models]
     common = {"n_chunks": plan.n_chunks, "n_ctx": n_ctx, "base": str(base), "text": str(text)}
-    return summary_table(facts, bnll, work.accs, common)
+    names = [(recipes or {}).get(os.fspath(q)) for q in quants]
+    return summary_table(facts, bnll, work.accs, common, names)
 
 
 def write_summary(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
@@ -790,9 +802,9 @@ def merge_summaries(
     if not frames:
         raise ImatrixError("no summaries to merge")
     df = pd.concat(frames, ignore_index=True)
-    for col in _ADDED_COLUMNS:  # summaries written before the column existed
+    for col, value in _ADDED_COLUMNS.items():  # summaries written before the column existed
         if col not in df.columns:
-            df[col] = math.nan
+            df[col] = value
     missing = [c for c in SUMMARY_COLUMNS if c not in df.columns]
     if missing:
         raise ImatrixError(f"summary lacks columns {missing}")

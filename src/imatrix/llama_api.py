@@ -242,33 +242,55 @@ def load_model(
     return Model(path=p, ptr=ptr, vocab_only=vocab_only, n_gpu_layers=int(n_gpu_layers))
 
 
-class _TakeErrors(logging.Filter):
-    """Takes llama.cpp's error lines out of the log while a call runs: they become part
-    of our one-line error message, and are passed on at DEBUG for ``-v`` runs."""
+class _TakeLines(logging.Filter):
+    """Takes llama.cpp's lines at ``level`` and above out of the log while a call runs:
+    they become part of our one-line error message or are parsed (a dry run's tensor
+    list); those above DEBUG are passed on at DEBUG when the user asked for DEBUG
+    (``-v``) before the capture opened the logger."""
 
-    def __init__(self) -> None:
+    def __init__(self, level: int, pass_on: bool) -> None:
         super().__init__()
+        self.level = level
+        self.pass_on = pass_on
         self.lines: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
+        if record.levelno < self.level or getattr(record, _PASSED_ON, False):
             return True
         self.lines.append(record.getMessage())
-        llama_log.debug("%s", record.getMessage())
+        if self.pass_on and record.levelno > logging.DEBUG:
+            llama_log.debug("%s", record.getMessage(), extra={_PASSED_ON: True})
         return False
 
 
+#: marks a taken line passed on at DEBUG, so that no capture takes it a second time
+_PASSED_ON = "imatrix_llama_passed_on"
+
+
 @contextlib.contextmanager
-def llama_errors() -> Iterator[list[str]]:
-    """llama.cpp's error lines logged while the block runs, for a one-line error message
-    (the one filter every caller of a failing llama.cpp function uses)."""
+def llama_log_lines(level: int = logging.ERROR) -> Iterator[list[str]]:
+    """llama.cpp's log lines at ``level`` and above logged while the block runs, kept out
+    of the user's log (the one mechanism every caller that reads llama.cpp's log uses).
+
+    Lines below the logger's own level are not even formatted by the bridge, so the
+    logger is opened down to ``level`` for the duration; everything at or above it is
+    taken, so nothing new reaches the user's handlers."""
     init_backend()
-    f = _TakeErrors()
+    f = _TakeLines(level, pass_on=llama_log.isEnabledFor(logging.DEBUG))
+    old = llama_log.level
+    if not llama_log.isEnabledFor(level):
+        llama_log.setLevel(level)
     llama_log.addFilter(f)
     try:
         yield f.lines
     finally:
         llama_log.removeFilter(f)
+        llama_log.setLevel(old)
+
+
+def llama_errors() -> contextlib.AbstractContextManager[list[str]]:
+    """llama.cpp's error lines logged while the block runs, for a one-line error message."""
+    return llama_log_lines(logging.ERROR)
 
 
 def model_file_problem(path: str | Path) -> str | None:

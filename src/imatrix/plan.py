@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "options_for",
     "plan",
     "predicted_kld",
+    "prepare_estimates",
 ]
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,36 @@ def costs(
     errors = estimate(p.tensors, p.model, opts, p.imx, cache, key, po)
     sens = sensitivities(p.base, p.imatrix, p.tensors, errors, cache, key, po, p.imx)
     return errors, sens
+
+
+def prepare_estimates(
+    base: str | os.PathLike[str],
+    imatrix: str | os.PathLike[str],
+    budgets: Sequence[Budget],
+    cache: str | os.PathLike[str],
+    options: PlanOptions | None = None,
+) -> Path:
+    """Compute into ``cache`` every error estimate and sensitivity the plans of
+    ``budgets`` need, so that those plans only read it (the workflow runs this once per
+    model, then its plans in parallel, none of which writes the file)."""
+    po = options or PlanOptions()
+    for budget in budgets:
+        budget.check()
+    p = open_planning(base, imatrix, po)
+    cands = candidate_types(po.types)
+    dry = stock_dry_run(p.base, p.imx)
+    needed: dict[str, list[int]] = {t.name: [] for t in p.tensors}
+    todo: list[Budget | None] = [*budgets] or [None]  # no budget: the candidates only
+    for b in todo:
+        stock = (
+            {}
+            if b is None
+            else resolve(b, p.n_params, dry, partial(_size, p.sizes, p.tensors)).stock
+        )
+        for name, qs in options_for(p.tensors, cands, stock).items():
+            needed[name] += [q for q in qs if q not in needed[name]]
+    costs(p, needed, po, Path(cache))  # computes and saves what the file lacks
+    return Path(cache)
 
 
 def plan(

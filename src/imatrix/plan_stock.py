@@ -5,60 +5,28 @@ its type-selection rules: the stock mixes (Q4_K_M, IQ3_XXS, ...) depend on the
 architecture, layer counts, GQA ratio and whether an imatrix is given, and change
 between llama.cpp versions; the dry run runs the real selection, overrides and
 fallbacks without quantizing. It reports each tensor's type only in its log
-(``[ i/ n] NAME - [shape], type = SRC, size = A MiB -> B MiB (TYPE)``), so the lines
-are captured from the ``imatrix.llama`` logger while it runs. The same dry run checks
+(``[ i/ n] NAME - [shape], type = SRC, size = A MiB -> B MiB (TYPE)``), which
+:func:`imatrix.quantize.quantize_dry_run` returns. The same dry run checks
 a recipe before it is written: every tensor must get the type its line names.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from imatrix.constants import GGMLQuantizationType
 from imatrix.errors import ImatrixError
-from imatrix.llama_api import llama_errors
-from imatrix.qtypes import GGML_TYPE_COUNT, parse_quant_type
-from imatrix.quantize import PreparedImatrix, QuantizeOptions, _Params
+from imatrix.qtypes import parse_quant_type
+from imatrix.quantize import PreparedImatrix, QuantizeOptions, quantize_dry_run
 
 log = logging.getLogger(__name__)
 
 _TENSOR_RE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*\], type =\s*(\w+),")
 _TARGET_RE = re.compile(r"size = .*-> .*\((\w+)\)\s*$")
 _FALLBACK_RE = re.compile(r"falling back|required fallback")
-
-
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@contextlib.contextmanager
-def _captured_llama_log() -> Iterator[list[str]]:
-    """llama.cpp's log lines while the block runs, kept out of the user's log."""
-    from imatrix.llama_api import init_backend, llama_log
-
-    init_backend()
-    cap = _Capture()
-    old_level, old_prop = llama_log.level, llama_log.propagate
-    llama_log.setLevel(logging.DEBUG)
-    llama_log.propagate = False
-    llama_log.addHandler(cap)
-    try:
-        yield cap.lines
-    finally:
-        llama_log.removeHandler(cap)
-        llama_log.setLevel(old_level)
-        llama_log.propagate = old_prop
 
 
 def parse_dry_run(lines: Sequence[str]) -> tuple[dict[str, GGMLQuantizationType], int]:
@@ -89,19 +57,12 @@ def dry_run(
 ) -> tuple[dict[str, GGMLQuantizationType], int]:
     """Types llama-quantize gives each tensor of ``base`` as ``qtype`` (with the imatrix
     and ``(regex, ggml type)`` overrides), and how many fallbacks it logged."""
-    import llama_cpp as lc
-
     _, ftype = parse_quant_type(qtype)
     opts = QuantizeOptions(ftype=ftype, tensor_types=list(tensor_types))
-    params = _Params(opts, imx)
-    params.params.dry_run = True
-    params.params.output_tensor_type = GGML_TYPE_COUNT
-    with llama_errors() as errors, _captured_llama_log() as lines:
-        rc = lc.llama_model_quantize(
-            os.fsencode(Path(base)), b"dry-run.gguf", ctypes.byref(params.params)
-        )
-    if rc != 0:
-        raise ImatrixError(f"{base}: llama.cpp's dry run as {qtype} failed: {' '.join(errors)}")
+    try:
+        lines = quantize_dry_run(base, opts, imx)
+    except ImatrixError as exc:
+        raise ImatrixError(f"{exc} (as {qtype})") from None
     types, fallbacks = parse_dry_run(lines)
     if not types:
         raise ImatrixError(f"{base}: llama.cpp's dry run as {qtype} listed no tensors")

@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from imatrix.atomic import atomic_output
 from imatrix.errors import ImatrixError
@@ -56,7 +56,8 @@ DEFAULT_STATISTICS = ("sum_sqact", "entropy_norm_pct", "zd_pct", "cossim")
 PREFERRED_STATISTICS = ("l2_dist", "cossim_act", "ecs")
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG, atomically."""
     p = Path(path)
     FigureCanvasAgg(fig)
     with atomic_output(p) as tmp:
@@ -81,6 +82,33 @@ def _grid(df: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str], list[in
     )
 
 
+#: heat maps with more cells are not labelled at all (the text would cost more than it says)
+MAX_LABELLED_CELLS = 400
+MAX_LABELLED_EXPERT_CELLS = 256
+#: font size of heat-map cell labels, and the smallest it may shrink to before labels are dropped
+CELL_FONT_PT = 7.0
+MIN_CELL_FONT_PT = 5.5
+#: width of a label character and height of a line, in font sizes (DejaVu Sans digits)
+_CHAR_EM = 0.62
+_LINE_EM = 1.3
+_SI_SUFFIXES = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+
+
+def compact_number(v: float) -> str:
+    """A short label: three significant digits, thousands as k/M/G/T (185k, 1.32k,
+    0.998), small values as 8.9e-4, so that cell labels and colour-bar ticks stay narrow."""
+    if not np.isfinite(v):
+        return ""
+    a = abs(v)
+    for div, suffix in _SI_SUFFIXES:
+        if a >= div * 0.9995:  # 999.6 rounds to "1k", not "1e+03"
+            return f"{v / div:.3g}{suffix}"
+    if 0 < a < 0.01:  # 8.9e-4, not 0.000889 or 8.89e-04
+        mantissa, exponent = f"{v:.1e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{v:.3g}"
+
+
 def _heat(
     fig: Figure,
     ax: Axes,
@@ -93,8 +121,9 @@ def _heat(
     cmap: str = "viridis",
     vmin: float | None = None,
     vmax: float | None = None,
-    annotate: bool | None = None,
-) -> None:
+) -> tuple[mpl.colors.Colormap, Normalize]:
+    """The heat map and its colour bar; returns what :func:`_annotate` needs once the
+    figure is laid out (the cell size is only known then)."""
     m = np.ma.masked_invalid(grid)
     norm: Normalize
     finite = grid[np.isfinite(grid)]
@@ -110,25 +139,53 @@ def _heat(
     step = max(1, len(cols) // 32)
     ax.set_xticks(range(0, len(cols), step), labels=[str(c) for c in cols[::step]])
     ax.set_xlabel("layer")
-    cb = fig.colorbar(im, ax=ax, label=label, format="%.3g")
+    cb = fig.colorbar(im, ax=ax, label=label)
+    ticks = FuncFormatter(lambda v, _pos: compact_number(v))
     if isinstance(norm, LogNorm):
-        cb.ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
-    if annotate is None:
-        annotate = grid.size <= 400
-    if annotate:
-        for (i, j), v in np.ndenumerate(grid):
-            if np.isfinite(v):
-                rgba = colormap(norm(v))
-                dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
-                ax.text(
-                    j,
-                    i,
-                    f"{v:.3g}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if dark else "black",
-                )
+        # labels at powers of ten only (1, 2, 5 as well when the range is under a
+        # decade); the minor ticks stay as unlabelled marks, which used to pile up
+        decades = np.log10(norm.vmax / norm.vmin) if norm.vmin and norm.vmax else 0.0
+        subs = (1.0,) if decades >= 1 else (1.0, 2.0, 5.0)
+        cb.ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+        cb.ax.yaxis.set_minor_formatter(NullFormatter())
+    cb.ax.yaxis.set_major_formatter(ticks)
+    return colormap, norm
+
+
+def _cell_font(fig: Figure, ax: Axes, grid: np.ndarray, labels: list[str]) -> float | None:
+    """The largest font (CELL_FONT_PT down to MIN_CELL_FONT_PT) at which the widest label
+    fits its cell, or None when even the smallest does not."""
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()  # the laid-out axes size
+    box = ax.get_window_extent()
+    cell_w = box.width / max(1, grid.shape[1]) * 72.0 / fig.dpi
+    cell_h = box.height / max(1, grid.shape[0]) * 72.0 / fig.dpi
+    widest = max((len(t) for t in labels), default=0)
+    for size in (CELL_FONT_PT, 6.5, 6.0, MIN_CELL_FONT_PT):
+        if widest * _CHAR_EM * size <= 0.92 * cell_w and _LINE_EM * size <= cell_h:
+            return size
+    return None
+
+
+def _annotate(
+    fig: Figure, ax: Axes, grid: np.ndarray, colormap: mpl.colors.Colormap, norm: Normalize
+) -> bool:
+    """Write each cell's value into it, in black or white for contrast, when the labels
+    fit their cells; returns whether they were written."""
+    cells = [(i, j, float(v)) for (i, j), v in np.ndenumerate(grid) if np.isfinite(v)]
+    labels = [compact_number(v) for _, _, v in cells]
+    size = _cell_font(fig, ax, grid, labels)
+    if size is None:
+        log.debug("heat map cells too small for their labels: values left to the colour bar")
+        return False
+    for (i, j, v), text in zip(cells, labels, strict=True):
+        rgba = colormap(norm(v))
+        dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+        ax.text(
+            j, i, text, ha="center", va="center", fontsize=size, color="white" if dark else "black"
+        )
+    return True
 
 
 def plot_layer_heatmap(
@@ -151,7 +208,7 @@ def plot_layer_heatmap(
     label, desc, default_log = LABELS.get(statistic, (statistic, statistic, False))
     fig = Figure(figsize=(max(7.0, 2.0 + 0.45 * len(cols)), max(3.5, 1.4 + 0.4 * len(rows))))
     ax = fig.add_subplot()
-    _heat(
+    cmap, norm = _heat(
         fig,
         ax,
         grid,
@@ -162,7 +219,9 @@ def plot_layer_heatmap(
     )
     ax.set_title(title or f"{label} by layer and tensor kind\n({desc})", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    if grid.size <= MAX_LABELLED_CELLS:
+        _annotate(fig, ax, grid, cmap, norm)
+    return save_figure(fig, path)
 
 
 def expert_counts(data: ImatrixData) -> tuple[np.ndarray, list[int], str] | None:
@@ -207,7 +266,7 @@ def plot_expert_counts(
     fig = Figure(figsize=(max(7.0, 2.0 + 0.35 * grid.shape[1]), max(3.5, 1.6 + 0.3 * len(layers))))
     ax = fig.add_subplot()
     shown = np.where(grid > 0, grid, np.nan)
-    _heat(
+    cmap, norm = _heat(
         fig,
         ax,
         shown,
@@ -217,7 +276,6 @@ def plot_expert_counts(
         label="tokens routed to the expert",
         cmap="magma",
         vmin=0.0,
-        annotate=grid.size <= 256,
     )
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
@@ -231,7 +289,9 @@ def plot_expert_counts(
         fontsize=10,
     )
     fig.tight_layout()
-    return _save(fig, path)
+    if grid.size <= MAX_LABELLED_EXPERT_CELLS:
+        _annotate(fig, ax, shown, cmap, norm)
+    return save_figure(fig, path)
 
 
 def plot_comparison(
@@ -254,7 +314,7 @@ def plot_comparison(
     fig = Figure(figsize=(width, max(5.0, 2.0 + 0.8 * len(rows))))
     ax1, ax2 = fig.subplots(2, 1)
     fin = g1[np.isfinite(g1)]
-    _heat(
+    heat1 = _heat(
         fig,
         ax1,
         g1,
@@ -269,7 +329,7 @@ def plot_comparison(
     ax1.set_title("Cosine similarity of per-channel importance (mean Act²)")
     fin2 = np.abs(g2[np.isfinite(g2)])
     lim = max(float(fin2.max()) if fin2.size else 0.0, 1e-3)
-    _heat(
+    heat2 = _heat(
         fig,
         ax2,
         g2,
@@ -284,7 +344,10 @@ def plot_comparison(
     ax2.set_title("Change of mean importance")
     fig.suptitle(title or f"{labels[0]} vs {labels[1]}")
     fig.tight_layout()
-    return _save(fig, path)
+    if g1.size <= MAX_LABELLED_CELLS:
+        _annotate(fig, ax1, g1, *heat1)
+        _annotate(fig, ax2, g2, *heat2)
+    return save_figure(fig, path)
 
 
 def write_plots(

@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from imatrix.constants import (
 )
 from imatrix.errors import ImatrixError
 from imatrix.formats import load_means
-from imatrix.llama_api import llama_errors
+from imatrix.llama_api import llama_errors, llama_log_lines
 from imatrix.qtypes import (
     GGML_TYPE_COUNT,
     GGML_TYPE_NAMES,
@@ -64,6 +64,8 @@ __all__ = [
     "parse_tensor_type",
     "prepare_imatrix",
     "quantize",
+    "quantize_dry_run",
+    "read_tensor_type_file",
     "requires_imatrix",
 ]
 
@@ -74,6 +76,8 @@ KV_INT, KV_FLOAT, KV_BOOL, KV_STR = 0, 1, 2, 3
 _KV_TAGS = {"int": KV_INT, "float": KV_FLOAT, "bool": KV_BOOL, "str": KV_STR}
 #: ``char key[128]`` / ``char val_str[128]``: at most 127 bytes and the terminator
 _KV_MAX = 127
+#: what llama-quantize's ``file >> arg`` skips between tokens (C-locale ``isspace``)
+_CXX_SPACE = re.compile(r"[ \t\n\v\f\r]+")
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,8 @@ class QuantizeOptions:
     tensor_types: list[tuple[str, int]] = field(default_factory=list)
     override_kv: list[KVOverride] = field(default_factory=list)
     keep_split: bool = False
+    #: run llama.cpp's type selection only (``llama_model_quantize_params.dry_run``)
+    dry_run: bool = False
 
 
 class _Params:
@@ -232,6 +238,7 @@ class _Params:
         p.only_copy = opts.only_copy
         p.pure = opts.pure
         p.keep_split = opts.keep_split
+        p.dry_run = opts.dry_run
         self._keep: list[object] = []
         kvs = list(opts.override_kv)
         if imx is not None and imx.means:
@@ -403,6 +410,41 @@ def quantize(
     with atomic_output(out_p) as tmp:
         _run(base_p, Path(tmp), params, shown=out_p)
     return out_p
+
+
+def quantize_dry_run(
+    base: str | os.PathLike[str], opts: QuantizeOptions, imx: PreparedImatrix | None
+) -> list[str]:
+    """llama-quantize's dry run of ``base`` with ``opts`` (and the imatrix): llama.cpp's log
+    lines, kept out of the user's log. Nothing is written.
+
+    Why the log: the dry run runs the real type selection (the ftype's mix, overrides,
+    fallbacks) but reports each tensor's resulting type only there
+    (``[ i/ n] NAME - [shape], type = SRC, size = A MiB -> B MiB (TYPE)``).
+    """
+    import llama_cpp as lc
+
+    params = _Params(replace(opts, dry_run=True), imx)
+    with llama_errors() as errors, llama_log_lines(logging.DEBUG) as lines:
+        rc = lc.llama_model_quantize(
+            os.fsencode(Path(base)), b"dry-run.gguf", ctypes.byref(params.params)
+        )
+    if rc != 0:
+        raise ImatrixError(f"{base}: llama.cpp's dry run failed: {_reason(errors)}")
+    return lines
+
+
+def read_tensor_type_file(path: str | os.PathLike[str]) -> list[str]:
+    """The entries of a ``--tensor-type-file`` as llama-quantize reads them: tokens
+    separated by ASCII whitespace only (Python's ``str.split`` would also split at
+    Unicode spaces)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ImatrixError(f"{path}: no such file (--tensor-type-file)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ImatrixError(f"{path}: cannot read --tensor-type-file: {exc}") from None
+    return [t for t in _CXX_SPACE.split(text) if t]
 
 
 def _run(base: Path, out: Path, params: _Params, shown: Path | None = None) -> None:

@@ -41,6 +41,9 @@ QUANT_TYPES = canonical_quant_types(config["quantize"]["types"])
 QUANT_TYPES_NO_IMATRIX = types_without_imatrix(QUANT_TYPES)
 COLLECT = config["collect"]
 EVALUATE = config["evaluate"]
+PLANS = config["quantize"]["plans"]
+PLANNER = config["quantize"]["planner"]
+PLAN_NAMES = [p["name"] for p in PLANS]
 
 
 def alternatives(names):
@@ -53,6 +56,7 @@ wildcard_constraints:
     d=alternatives(DATASETS),
     s=r"\d+",
     t=alternatives(QUANT_TYPES),
+    p=alternatives(PLAN_NAMES),
 
 
 def conda_env(gpu=False):
@@ -76,15 +80,20 @@ def get_dataset_path(wildcards):
     return config["datasets"][wildcards.d]["path"]
 
 
-def get_dataset_text(wildcards):
-    """Plain text of a dataset: text files as they are, JSONL/Parquet extracted first,
-    chat and generated datasets per model."""
-    ds = config["datasets"][wildcards.d]
+def dataset_text(m, d):
+    """Plain text of dataset d for model m: text files as they are, JSONL/Parquet
+    extracted first, chat and generated datasets per model."""
+    ds = config["datasets"][d]
     if model_datasets.is_model_bound(ds):
-        return model_datasets.model_text_path(wildcards.m, wildcards.d)
+        return model_datasets.model_text_path(m, d)
     if dataset_format(ds["path"], ds["format"]) == "text":
         return ds["path"]
-    return f"results/datasets/{wildcards.d}.txt"
+    return f"results/datasets/{d}.txt"
+
+
+def get_dataset_text(wildcards):
+    """Plain text of the dataset of a job."""
+    return dataset_text(wildcards.m, wildcards.d)
 
 
 def get_dataset_settings(wildcards):
@@ -166,8 +175,10 @@ def collect_settings():
 
 
 def quant_files(m):
-    """Every quantized model of model m the config asks for."""
+    """Every quantized model of model m the config asks for: stock types, plans and
+    the comparison without the imatrix."""
     out = [f"results/{m}/quant/{m}-{t}.gguf" for t in QUANT_TYPES]
+    out += [f"results/{m}/quant/{m}-{p}.gguf" for p in PLAN_NAMES]
     if config["quantize"]["compare_without_imatrix"]:
         out += [
             f"results/{m}/quant/noimatrix/{m}-{t}.gguf" for t in QUANT_TYPES_NO_IMATRIX
@@ -178,6 +189,27 @@ def quant_files(m):
 def get_quant_files(wildcards):
     """The quantized models the evaluation compares with their base."""
     return quant_files(wildcards.m)
+
+
+def get_quant_recipes(wildcards):
+    """Quantized model -> the name of the plan it was made with (stock types: none)."""
+    m = wildcards.m
+    return {f"results/{m}/quant/{m}-{p}.gguf": p for p in PLAN_NAMES}
+
+
+def get_calibration_texts(wildcards):
+    """The text of every dataset: what the plans calibrate their KLD predictions on."""
+    return [dataset_text(wildcards.m, d) for d in DATASETS]
+
+
+def get_plan_eval_texts(wildcards):
+    """The held-out text, which a plan refuses to calibrate on."""
+    return [EVALUATE["text"]] if EVALUATE["text"] is not None else []
+
+
+def get_plan(wildcards):
+    """The configured plan of a job (name and budget)."""
+    return next(p for p in PLANS if p["name"] == wildcards.p)
 
 
 def get_eval_text(wildcards):
@@ -216,6 +248,7 @@ def get_all_targets(wildcards):
         if EVALUATE["text"] is not None and QUANT_TYPES:
             out += [
                 f"results/{m}/eval/summary.parquet",
+                f"results/{m}/eval/kld_vs_size.png",
                 f"results/{m}/report/evaluation.html",
             ]
     return out

@@ -3,6 +3,7 @@
 
 localrules:
     report_evaluation,
+    plot_evaluation,
 
 
 rule evaluate:
@@ -24,6 +25,7 @@ rule evaluate:
         mem_mb=get_mem_mb("evaluate"),
         runtime=get_runtime("evaluate"),
     params:
+        recipes=get_quant_recipes,
         n_ctx=EVALUATE["n_ctx"],
         chunks=EVALUATE["chunks"],
         ngl=execution_setting(EVALUATE["ngl"]),
@@ -48,3 +50,22 @@ rule report_evaluation:
         conda_env()
     script:
         "../scripts/report_evaluation.py"
+
+
+rule plot_evaluation:
+    input:
+        summary="results/{m}/eval/summary.parquet",
+    output:
+        plot=report(
+            "results/{m}/eval/kld_vs_size.png",
+            caption="../report/kld_vs_size.rst",
+            category="Quantization",
+            subcategory="{m}",
+            labels={"model": "{m}", "plot": "KLD vs size"},
+        ),
+    log:
+        "logs/{m}/plot_evaluation.log",
+    conda:
+        conda_env()
+    script:
+        "../scripts/plot_evaluation.py"

@@ -20,4 +20,5 @@ evaluate_quants(
     chunks=snakemake.params.chunks,
     threads=snakemake.threads,
     ngl=snakemake.params.ngl,
+    recipes=snakemake.params.recipes,
 )

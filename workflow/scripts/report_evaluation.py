@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 import _paths  # noqa: F401
 
 from imatrix.workflow.joblog import job_logging
-from imatrix.workflow.report import write_html_report
+from imatrix.workflow.report import evaluation_table, write_html_report
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -15,4 +15,5 @@ write_html_report(
     snakemake.output.html,
     f"Quantizations of {snakemake.wildcards.m}",
     {"Evaluation against the base model": snakemake.input.summary},
+    shape=evaluation_table,
 )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
-from pathlib import Path
 
 from imatrix.cli import add_verbosity
 from imatrix.errors import ImatrixError
@@ -101,23 +99,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-#: what llama-quantize's ``file >> arg`` skips between tokens (C-locale ``isspace``)
-_CXX_SPACE = re.compile(r"[ \t\n\v\f\r]+")
-
-
-def _read_tensor_type_file(path: str) -> list[str]:
-    """Tokens as llama-quantize reads them: separated by ASCII whitespace only (Python's
-    ``str.split`` would also split at Unicode spaces)."""
-    try:
-        return [t for t in _CXX_SPACE.split(Path(path).read_text(encoding="utf-8")) if t]
-    except FileNotFoundError:
-        raise ImatrixError(f"{path}: no such file (--tensor-type-file)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ImatrixError(f"{path}: cannot read --tensor-type-file: {exc}") from None
-
-
 def run(args: argparse.Namespace) -> int:
-    from imatrix.quantize import quantize
+    from imatrix.quantize import quantize, read_tensor_type_file
 
     if args.include_weights and args.exclude_weights:
         raise ImatrixError("--include-weights and --exclude-weights cannot be used together")
@@ -126,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise ImatrixError(f"invalid number of threads {threads}")
     tensor_types = list(args.tensor_type)
     if args.tensor_type_file:
-        tensor_types += _read_tensor_type_file(args.tensor_type_file)
+        tensor_types += read_tensor_type_file(args.tensor_type_file)
     out = quantize(
         args.base,
         args.output,

@@ -1,4 +1,5 @@
-"""What the config schema cannot say: files exist, quant types are llama.cpp's.
+"""What the config schema cannot say: files exist, quant types are llama.cpp's, plans
+have one budget and names of their own.
 
 Run at workflow start-up, after the schema validation, so that a bad config fails
 before any job with one message naming the key at fault.
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from imatrix.errors import ImatrixError
-from imatrix.qtypes import QUANT_TYPES, parse_quant_type, requires_imatrix
+from imatrix.qtypes import QUANT_TYPES, parse_ggml_type, parse_quant_type, requires_imatrix
 from imatrix.workflow.model_datasets import check_model_datasets
+from imatrix.workflow.plans import check_plans
 
 #: Packaged model sources a config may name instead of a path.
 MODEL_SOURCES = ("gemma-3-270m-q4_k_m",)
@@ -77,6 +79,9 @@ def check_config(config: Mapping[str, Any]) -> None:
             _need_file(f"datasets.{name}.path", ds["path"])
     check_model_datasets(config["datasets"], config["models"])
     canonical_quant_types(config["quantize"]["types"])
+    check_plans(config["quantize"].get("plans") or [])
+    for t in (config["quantize"].get("planner") or {}).get("types") or []:
+        parse_ggml_type(t, "quantize.planner.types")
     text = config["evaluate"].get("text")
     if text is not None:
         _need_file("evaluate.text", text)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,65 @@ def _html_table(df: Any, title: str) -> str:
     return f"<h2>{title}</h2>\n" + table
 
 
-def write_html_report(output: str, title: str, tables: Mapping[str, Any]) -> Path:
+#: summary columns that say where things are: the last columns of the evaluation table
+PATH_COLUMNS = ("path", "base", "imatrix_file", "text")
+#: summary columns shown in the lead columns instead (formatted together)
+_FOLDED = (
+    "file_size",
+    "bpw",
+    "kld_mean",
+    "kld_ci_low",
+    "kld_ci_high",
+    "same_top_p",
+    "ppl",
+    "ppl_err",
+)
+
+
+def _kld(row: Any) -> str:
+    mean, lo, hi = row["kld_mean"], row.get("kld_ci_low"), row.get("kld_ci_high")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{mean:.5f}"
+    return f"{mean:.5f} ± {(hi - lo) / 2:.5f}"
+
+
+def evaluation_table(df: Any) -> Any:
+    """The evaluation summary as people compare quants: type, recipe, imatrix (and
+    evaluation text), size, bits per weight, KLD mean ± half its 95 % interval, same-top, PPL
+    first, formatted; then the other figures; the paths last. The base first, then by
+    file size."""
+    import pandas as pd
+
+    df = df.sort_values(["is_base", "file_size"], ascending=[False, True], kind="stable")
+    recipe = df["recipe"] if "recipe" in df.columns else pd.Series([None] * len(df), index=df.index)
+    lead = pd.DataFrame(
+        {
+            "type": df["type"],
+            "recipe": recipe.fillna(""),
+            "imatrix": df["imatrix"].map(lambda v: "yes" if v else "no"),
+            **({"eval set": df["eval_set"]} if "eval_set" in df.columns else {}),
+            "size (MB)": (df["file_size"] / 1e6).map(lambda v: f"{v:,.1f}"),
+            "bits/weight": df["bpw"].map(lambda v: f"{v:.3f}"),
+            "KLD mean ± 95 % CI": df.apply(_kld, axis=1),
+            "same top (%)": (df["same_top_p"] * 100).map(lambda v: f"{v:.2f}"),
+            "PPL": [f"{p:.2f} ± {e:.2f}" for p, e in zip(df["ppl"], df["ppl_err"], strict=True)],
+        }
+    )
+    skip = {"type", "recipe", "imatrix", "eval_set", *_FOLDED, *PATH_COLUMNS}
+    rest = [c for c in df.columns if c not in skip]
+    paths = [c for c in PATH_COLUMNS if c in df.columns]
+    return pd.concat([lead, df[rest], df[paths]], axis=1).reset_index(drop=True)
+
+
+def write_html_report(
+    output: str,
+    title: str,
+    tables: Mapping[str, Any],
+    shape: Callable[[Any], Any] | None = None,
+) -> Path:
     """One HTML page with a heading per table, in the order given (title -> Parquet file,
-    or a DataFrame for a view computed from one)."""
+    or a DataFrame for a view computed from one); ``shape`` rearranges each table first
+    (e.g. :func:`evaluation_table`)."""
     import pandas as pd
 
     parts = [
@@ -33,7 +90,7 @@ def write_html_report(output: str, title: str, tables: Mapping[str, Any]) -> Pat
     ]
     for name, table in tables.items():
         df = table if isinstance(table, pd.DataFrame) else pd.read_parquet(table)
-        parts.append(_html_table(df, name))
+        parts.append(_html_table(shape(df) if shape is not None else df, name))
     parts.append("</body></html>")
     atomic_write(output, "\n".join(parts).encode("utf-8"))
     return Path(output)
@@ -58,3 +115,12 @@ def write_statistics_report(
     if not view.empty:
         tables["Expert coverage (tokens per expert, least covered tensor of each layer)"] = view
     return write_html_report(output, f"imatrix statistics of {model}", tables)
+
+
+def plot_evaluation(summary: str, output: str, *, title: str = "") -> Path:
+    """The KLD-vs-size plot of an evaluation summary file."""
+    import pandas as pd
+
+    from imatrix.eval_plots import plot_kld_vs_size
+
+    return plot_kld_vs_size(pd.read_parquet(summary), output, title=title)

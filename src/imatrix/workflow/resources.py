@@ -47,6 +47,9 @@ STEPS: dict[str, StepResources] = {
     # the merged imatrix and one shard at a time (inputs: the merge and all shards)
     "coverage": StepResources(input_copies=1, runtime_min=30),
     "quantize": StepResources(input_copies=2, runtime_min=60),
+    # the calibration quantizes a dozen models beside the base and evaluates them at once
+    "plan_estimates": StepResources(input_copies=8, runtime_min=120),
+    "plan": StepResources(input_copies=2, runtime_min=30),
     "evaluate": StepResources(input_copies=1, runtime_min=120),
     "generate_dataset": StepResources(input_copies=1, runtime_min=120),
 }

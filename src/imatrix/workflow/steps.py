@@ -7,7 +7,7 @@ before llama.cpp loads, which is why they import it inside the function.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from imatrix.errors import ImatrixError
@@ -86,17 +86,59 @@ def evaluate_quants(
     chunks: int | None,
     threads: int,
     ngl: int,
+    recipes: Mapping[str, str] | None = None,
 ) -> Path:
     """Evaluate a model's quantizations against its base into one summary table
     (the base's logits are computed once for all of them), on a GPU of its own when
-    layers are offloaded."""
+    layers are offloaded. ``recipes``: quant -> the plan that made it."""
     with claim_gpu(None if ngl > 0 else 0):
         from imatrix.evaluate import evaluate, write_summary
 
         df = evaluate(
-            base, list(quants), text, n_ctx=n_ctx, chunks=chunks, threads=threads, n_gpu_layers=ngl
+            base,
+            list(quants),
+            text,
+            n_ctx=n_ctx,
+            chunks=chunks,
+            threads=threads,
+            n_gpu_layers=ngl,
+            recipes=recipes,
         )
         return write_summary(df, output)
+
+
+def quantize_step(
+    model: str,
+    output: str,
+    qtype: str | None,
+    *,
+    imatrix: str | None,
+    recipe: str | None,
+    threads: int,
+    allow_requantize: bool,
+) -> Path:
+    """One quant: the stock ``qtype`` (with the imatrix when given), or a plan's recipe
+    with the ftype its sidecar names (``qtype`` None)."""
+    if recipe is not None:
+        from imatrix.workflow.plans import quantize_recipe
+
+        if imatrix is None:
+            raise ImatrixError(f"{recipe}: a planned quant needs the imatrix it was planned with")
+        return quantize_recipe(
+            model, imatrix, recipe, output, threads=threads, allow_requantize=allow_requantize
+        )
+    if qtype is None:
+        raise ImatrixError(f"{output}: neither a quant type nor a recipe given")
+    from imatrix.quantize import quantize
+
+    return quantize(
+        model,
+        output,
+        qtype,
+        imatrix=imatrix,
+        threads=threads,
+        allow_requantize=allow_requantize,
+    )
 
 
 def imatrix_statistics(src: str, tensors: str, layers: str, plots: str) -> None:
