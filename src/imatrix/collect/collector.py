@@ -9,6 +9,12 @@ when it lives on a device) and the expert ids (``src[2]``) through
 :mod:`imatrix.ggml` and hand them to the accumulators
 (:mod:`imatrix.collect.accumulate`), or, while probing, to the graph cut
 (:mod:`imatrix.collect.graph_cut`).
+
+Every node we answer ``ask`` with true ends a piece of the graph: the scheduler stops
+its threads, calls us, and starts them again. So a needed node whose input's sums are
+already cached (q/k/v and gate/up read one input; see
+:mod:`imatrix.collect.shared_inputs`) is accumulated while it is asked about and
+answered false: it costs no piece of its own.
 """
 
 from __future__ import annotations
