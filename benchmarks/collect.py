@@ -376,13 +376,14 @@ def _report(by: dict[str, Timing], model: Path, args: argparse.Namespace) -> Non
         "repeat": args.repeat,
         "runs": [asdict(t) | {"tokens_per_s": t.rate} for t in by.values()],
         "speedup_no_ppl": by["llama"].seconds / ours.seconds,
-        "over_forward_no_ppl": ours.seconds / by["forward"].seconds,
-        "over_idle_cut": ours.seconds / by["idle-cut"].seconds,
-        "idle_cut_over_forward": by["idle-cut"].seconds / by["forward"].seconds,
+        "ratio_to_forward_no_ppl": ours.seconds / by["forward"].seconds,
+        "ratio_to_idle_cut": ours.seconds / by["idle-cut"].seconds,
+        "idle_cut_ratio_to_forward": by["idle-cut"].seconds / by["forward"].seconds,
         "speedup_ppl": by["llama-ppl"].seconds / ours_p.seconds,
         "speedup_ppl_whole": _wall(by["llama-ppl"]) / _wall(ours_p),
-        "over_idle_logits_ppl": ours_p.seconds / by["idle-logits"].seconds,
-        "idle_logits_over_forward_logits": by["idle-logits"].seconds / by["forward-logits"].seconds,
+        "ppl_ratio_to_idle_logits": ours_p.seconds / by["idle-logits"].seconds,
+        "idle_logits_ratio_to_forward_logits": by["idle-logits"].seconds
+        / by["forward-logits"].seconds,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -401,13 +402,13 @@ def _report(by: dict[str, Timing], model: Path, args: argparse.Namespace) -> Non
     s = summary
     print(
         f"without perplexity: {s['speedup_no_ppl']:.2f}x llama-imatrix (target >= 2.5), "
-        f"{s['over_forward_no_ppl']:.3f}x the forward pass without logits (target <= 1.10); "
-        f"{s['over_idle_cut']:.3f}x the do-nothing callback with the same cut (our "
-        f"arithmetic), which is {s['idle_cut_over_forward']:.3f}x the forward pass (scheduling)"
+        f"{s['ratio_to_forward_no_ppl']:.3f}x the forward pass without logits (target <= 1.10); "
+        f"{s['ratio_to_idle_cut']:.3f}x the do-nothing callback with the same cut (our "
+        f"arithmetic), which is {s['idle_cut_ratio_to_forward']:.3f}x the forward pass (scheduling)"
     )
     print(
-        f"with perplexity:    {s['over_idle_logits_ppl']:.3f}x the do-nothing callback with "
-        f"all logits (target <= 1.05), which is {s['idle_logits_over_forward_logits']:.3f}x "
+        f"with perplexity:    {s['ppl_ratio_to_idle_logits']:.3f}x the do-nothing callback with "
+        f"all logits (target <= 1.05), which is {s['idle_logits_ratio_to_forward_logits']:.3f}x "
         f"the forward pass with all logits; {s['speedup_ppl']:.2f}x llama-imatrix's loop, "
         f"{s['speedup_ppl_whole']:.2f}x its whole process (target >= 1.0)"
     )
