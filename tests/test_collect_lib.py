@@ -331,6 +331,9 @@ def test_threads_and_shared_inputs_do_not_change_the_sums(tiny_model, tokens, ca
     observed = 48 if "moe" in tiny_model.name else 42
     msg = [r.getMessage() for r in caplog.records if "reused" in r.getMessage()]
     assert msg == [f"{observed} tensors observed, 18 of them reused a shared input's sums"]
+    # every reuse is taken while its node is asked about: no graph split of its own
+    split = [r.getMessage() for r in caplog.records if "graph split" in r.getMessage()]
+    assert split == ["18 of the reuses needed no graph split of their own"]
 
 
 def test_a_wrong_probe_is_caught_and_undone(tiny_model, tokens, monkeypatch, caplog):

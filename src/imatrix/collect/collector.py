@@ -9,6 +9,12 @@ when it lives on a device) and the expert ids (``src[2]``) through
 :mod:`imatrix.ggml` and hand them to the accumulators
 (:mod:`imatrix.collect.accumulate`), or, while probing, to the graph cut
 (:mod:`imatrix.collect.graph_cut`).
+
+Every node we answer ``ask`` with true ends a piece of the graph: the scheduler stops
+its threads, calls us, and starts them again. So a needed node whose input's sums are
+already cached (q/k/v and gate/up read one input; see
+:mod:`imatrix.collect.shared_inputs`) is accumulated while it is asked about and
+answered false: it costs no piece of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from imatrix import ggml
 from imatrix.activations import ColumnSums
 from imatrix.collect.accumulate import Accumulators
 from imatrix.collect.graph_cut import GraphCut, Mode
-from imatrix.collect.shared_inputs import SharedInputs
+from imatrix.collect.shared_inputs import SharedInputs, moe_key, tensor_key
 from imatrix.errors import ImatrixError
 from imatrix.model import Entry
 
@@ -55,6 +61,8 @@ class Collector:
         self.cut = GraphCut()
         self._snapshot: dict[str, Entry] | None = None
         self.n_observed = 0
+        #: observed tensors accumulated while asked about (no graph split of their own)
+        self.n_unsplit = 0
         #: time spent reading and summing activations (inside llama_decode)
         self.seconds = 0.0
 
@@ -89,9 +97,16 @@ class Collector:
             self.shared.invalidate_if_written(t)
         op = t.op
         if op == self._op_mmid:
-            return True
-        if op != self._op_mm:
+            need = True
+        elif op != self._op_mm:
             return False
+        else:
+            need = self._dense_needed(t)
+        if need and self.shared.holding and self._take_shared(t):
+            return False
+        return need
+
+    def _dense_needed(self, t: ggml.GGMLTensor) -> bool:
         src1 = ggml.tensor(t.src[1])
         if src1.type != ggml.GGML_TYPE_F32:
             return False
@@ -105,28 +120,65 @@ class Collector:
     def _wanted(self, name: str) -> bool:
         return name.startswith("blk.") or (self.process_output and name == "output.weight")
 
+    def _take_shared(self, t: ggml.GGMLTensor) -> bool:
+        """Accumulate a needed node while it is asked about, when its input's sums are
+        already cached (q/k/v, gate/up read one input): the node then needs no graph
+        split of its own, so the scheduler's threads run on without a hand-off. The
+        cached sums are those :meth:`_observe` would reuse after the node ran: every
+        node between is asked about first and drops the cache if it writes the input.
+        Not while probing (nothing is cached) nor for the node a graph stops after."""
+        if self.cut.mode is Mode.PROBE:
+            return False
+        src0 = ggml.tensor(t.src[0])
+        src1 = ggml.tensor(t.src[1])
+        name = ggml.filter_name(src0.name)
+        if name == self.cut.stop_after or src1.nb[0] != 4:
+            return False
+        if t.op == self._op_mmid:
+            key = moe_key(src0, src1, ggml.tensor(t.src[2]))
+        elif src1.ne[2] == src1.ne[3] == src0.ne[2] == src0.ne[3] == 1:
+            key = tensor_key(src1)
+        else:
+            return False
+        if not self.shared.holds(key):
+            return False
+        t0 = time.perf_counter()
+        self._count(name, self._accumulate(t, name, src0, src1))
+        self.seconds += time.perf_counter() - t0
+        self.n_unsplit += 1
+        return True
+
     def _observe(self, t: ggml.GGMLTensor) -> str:
         src0 = ggml.tensor(t.src[0])
         src1 = ggml.tensor(t.src[1])
         name = ggml.filter_name(src0.name)
         if src1.nb[0] != 4:
             raise ImatrixError(f"tensor '{name}': activations are not contiguous float32 rows")
-        mode = self.cut.mode
-        if mode is Mode.PROBE:  # record the graph's needed tensors, accumulate nothing
-            if t.op == self._op_mmid:
-                rows = int(src1.ne[2])
-            else:
-                rows = int(src1.ne[1] * src1.ne[2] * src1.ne[3]) // int(src0.ne[2] * src0.ne[3])
-            self.cut.record(name, rows)
+        if self.cut.mode is Mode.PROBE:  # record the graph's needed tensors, accumulate nothing
+            self.cut.record(name, self._rows(t, src0, src1))
             return name
-        if t.op == self._op_mmid:
-            rows = self.acc.moe(name, src0, src1, ggml.tensor(t.src[2]))
-        else:
-            rows = self.acc.dense(name, src0, src1)
-        self.n_observed += 1
-        if mode is Mode.VERIFY:
-            self.cut.record(name, rows)
+        self._count(name, self._accumulate(t, name, src0, src1))
         return name
+
+    def _count(self, name: str, rows: int) -> None:
+        self.n_observed += 1
+        if self.cut.mode is Mode.VERIFY:
+            self.cut.record(name, rows)
+
+    def _rows(self, t: ggml.GGMLTensor, src0: ggml.GGMLTensor, src1: ggml.GGMLTensor) -> int:
+        """Tokens a node covers: what the accumulators add to its counts."""
+        if t.op == self._op_mmid:
+            return int(src1.ne[2])
+        return int(src1.ne[1] * src1.ne[2] * src1.ne[3]) // int(src0.ne[2] * src0.ne[3])
+
+    def _accumulate(
+        self, t: ggml.GGMLTensor, name: str, src0: ggml.GGMLTensor, src1: ggml.GGMLTensor
+    ) -> int:
+        """Add the node's input to the sums; returns the tokens it covered. (The
+        benchmark's do-nothing callback overrides this to measure scheduling alone.)"""
+        if t.op == self._op_mmid:
+            return self.acc.moe(name, src0, src1, ggml.tensor(t.src[2]))
+        return self.acc.dense(name, src0, src1)
 
     # -- graph cut ----------------------------------------------------------------
 

@@ -77,14 +77,19 @@ def thread_plan(settings: CollectSettings) -> ThreadPlan:
 
 
 def run_chunks(
-    job: Job, start: StartPoint, on_chunk: ChunkCallback | None, stop: StopRequest
+    job: Job,
+    start: StartPoint,
+    on_chunk: ChunkCallback | None,
+    stop: StopRequest,
+    collector_type: type[Collector] = Collector,
 ) -> tuple[Collector, LoopStats]:
     """Load the model, decode chunks ``[start.chunk, last)`` into a collector; on a
-    ``stop`` request, checkpoint after the group in flight and raise :class:`Terminated`."""
+    ``stop`` request, checkpoint after the group in flight and raise :class:`Terminated`.
+    ``collector_type``: a subclass for measurements (the benchmark's do-nothing one)."""
     s = job.settings
     threads = thread_plan(s)
     pool = ThreadPoolExecutor(threads.n_threads - 1) if threads.n_threads > 1 else None
-    collector = Collector(
+    collector = collector_type(
         process_output=s.process_output,
         entries=start.entries,
         trace=s.verbosity >= 2,
@@ -183,6 +188,7 @@ class ChunkLoop:
             self.collector.n_observed,
             self.collector.n_reused,
         )
+        log.debug("%d of the reuses needed no graph split of their own", self.collector.n_unsplit)
 
     def probe(self, chunk: np.ndarray, bos: int | None) -> bool:
         """Decode a few tokens of ``chunk`` to find the last tensor a graph needs (see

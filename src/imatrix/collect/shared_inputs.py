@@ -31,6 +31,11 @@ def tensor_key(t: ggml.GGMLTensor) -> Key:
     return (ctypes.addressof(t), t.data, tuple(t.ne), tuple(t.nb))
 
 
+def moe_key(src0: ggml.GGMLTensor, src1: ggml.GGMLTensor, ids: ggml.GGMLTensor) -> Key:
+    """Identity of a ``MUL_MAT_ID``'s input: activations, expert ids, expert count."""
+    return (*tensor_key(src1), *tensor_key(ids), int(src0.ne[2]))
+
+
 def host_span(t: ggml.GGMLTensor) -> Span | None:
     """The host memory ``t`` occupies, or None when it lives on a device."""
     lib = ggml.libggml_base()
@@ -64,6 +69,10 @@ class SharedInputs:
         if any(lo < b and a < hi for a, b in self._entry[1]):
             self._entry = None
 
+    def holds(self, key: Key) -> bool:
+        """Whether the sums of ``key`` are cached (without counting a reuse)."""
+        return self._entry is not None and self._entry[0] == key
+
     def get(self, key: Key) -> DenseParts | MoeParts | None:
         e = self._entry
         if e is not None and e[0] == key:
@@ -76,4 +85,4 @@ class SharedInputs:
             self._entry = (key, spans, value)
 
 
-__all__ = ["DenseParts", "Key", "MoeParts", "SharedInputs", "host_span", "tensor_key"]
+__all__ = ["DenseParts", "Key", "MoeParts", "SharedInputs", "host_span", "moe_key", "tensor_key"]
