@@ -1,0 +1,75 @@
+"""The convergence plot: largest and median change between records against tokens.
+
+One thin line per shard (its maximum), the merged view's maximum and median bold, and
+the stop threshold as a dashed line, on a log scale (the changes fall by orders of
+magnitude). matplotlib's object API with an Agg canvas, as :mod:`imatrix.plots`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from imatrix.atomic import atomic_output
+from imatrix.convergence_table import VIEW_MERGED, VIEW_SHARD, finite_or_nan
+
+log = logging.getLogger(__name__)
+
+#: figure size (inches) and resolution: readable at its real size in a report
+FIG_SIZE = (8.0, 4.5)
+DPI = 110
+
+
+def plot_convergence(df: pd.DataFrame, path: str | Path, *, eps: float, title: str) -> Path:
+    """Write the plot of a :func:`imatrix.convergence_table.convergence_table` frame."""
+    fig = Figure(figsize=FIG_SIZE)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    shards = df[df["view"] == VIEW_SHARD]
+    keys = shards[["dataset", "shard"]].drop_duplicates().itertuples(index=False)
+    for ds, sh in keys:
+        rows = shards[(shards["dataset"] == ds) & (shards["shard"] == sh)]
+        label = ds if pd.isna(sh) else f"{ds}/{sh}"
+        ax.plot(
+            rows["tokens"],
+            finite_or_nan(rows["max"].to_numpy()),
+            lw=0.9,
+            alpha=0.7,
+            label=f"{label} max",
+        )
+    merged = df[df["view"] == VIEW_MERGED]
+    if len(shards[["dataset", "shard"]].drop_duplicates()) > 1:
+        ax.plot(
+            merged["tokens"],
+            finite_or_nan(merged["max"].to_numpy()),
+            "k-",
+            lw=2.0,
+            label="all: max",
+        )
+    ax.plot(
+        merged["tokens"],
+        finite_or_nan(merged["median"].to_numpy()),
+        "k:",
+        lw=2.0,
+        label="all: median",
+    )
+    ax.axhline(eps, color="tab:red", ls="--", lw=1.0, label=f"EPS {eps:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens collected (per shard)")
+    ax.set_ylabel("1 − cos between records")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    p = Path(path)
+    with atomic_output(p) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    log.info("wrote %s", p)
+    return p
+
+
+__all__ = ["plot_convergence"]
