@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from imatrix.convergence import StopRule, parse_stop_rule
 from imatrix.errors import ImatrixError
 from imatrix.qtypes import QUANT_TYPES, parse_quant_type, requires_imatrix
 
@@ -46,6 +47,17 @@ def _need_file(key: str, path: str) -> None:
         raise ImatrixError(f"{key}: {path}: not a regular file")
 
 
+def check_until_converged(value: object) -> StopRule | None:
+    """``collect.until_converged``: null (off), EPS, or "EPS[:PATIENCE]" as on the CLI."""
+    if value is None:
+        return None
+    text = str(value) if isinstance(value, (int, float, str)) and value is not True else ""
+    try:
+        return parse_stop_rule(text)
+    except ValueError as exc:
+        raise ImatrixError(f"collect.until_converged: {exc}") from None
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """Refuse a config whose files are missing or whose models or types are unknown."""
     for name, model in config["models"].items():
@@ -58,6 +70,7 @@ def check_config(config: Mapping[str, Any]) -> None:
             )
     for name, ds in config["datasets"].items():
         _need_file(f"datasets.{name}.path", ds["path"])
+    check_until_converged(config.get("collect", {}).get("until_converged"))
     canonical_quant_types(config["quantize"]["types"])
     text = config["evaluate"].get("text")
     if text is not None:
