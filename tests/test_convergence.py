@@ -232,3 +232,53 @@ def test_resume_across_a_record_boundary_is_byte_identical(dense_model, calib_te
     collect(dense_model, toks, out, CollectSettings(resume=True, **kw), dataset="calib")
     assert out.read_bytes() == whole.read_bytes()
     assert KEY_CONVERGENCE in read_gguf(out, load_data=False).kv
+
+
+# -- workflow ---------------------------------------------------------------------------
+
+
+def test_workflow_shards_stop_and_their_records_make_the_table(
+    dense_model, calib_text, tmp_path, caplog
+):
+    """collect.until_converged stops each shard on its own and records the chunks used;
+    convergence.parquet holds every shard's record and the merged view."""
+    import pandas as pd
+
+    from imatrix.workflow.steps import collect_shard, convergence_statistics
+
+    toks = tmp_path / "t.npy"
+    tokenize_file(dense_model, calib_text, toks)
+    kw = dict(
+        dataset="alpha",
+        shards=2,
+        chunks_per_shard=None,
+        chunks=16,
+        n_ctx=N_CTX,
+        n_batch=N_CTX,
+        n_ubatch=N_CTX,
+        process_output=False,
+        ppl=False,
+        ngl=0,
+        threads=2,
+        output_frequency=2,
+    )
+    shards = [str(tmp_path / f"{s}.gguf") for s in range(2)]
+    with caplog.at_level("INFO", logger="imatrix.workflow.steps"):
+        for s, path in enumerate(shards):
+            collect_shard(str(dense_model), str(toks), path, shard=s, until_converged="0.5:2", **kw)
+    logs = [ConvergenceLog.from_json(read_imatrix(p).provenance.convergence, p) for p in shards]
+    # the tiny model's changes are all below 0.5: two records (2 chunks apart), then stop
+    assert all(r.max < 0.5 for c in logs for r in c.records)
+    assert [c.chunks_used for c in logs] == [4, 4] and [c.stopped_at for c in logs] == [4, 12]
+    assert "dataset alpha shard 1 converged: used 4 of 8 chunks" in caplog.text
+
+    table, plot = tmp_path / "stats/convergence.parquet", tmp_path / "stats/convergence.png"
+    convergence_statistics(shards, ["alpha", "alpha"], str(table), str(plot), eps=0.5)
+    df = pd.read_parquet(table)
+    assert plot.stat().st_size > 0
+    shard_rows = df[df["view"] == "shard"]
+    assert shard_rows["shard"].tolist() == [0, 0, 1, 1]
+    assert shard_rows["max"].tolist() == [r.max for c in logs for r in c.records]
+    merged = df[df["view"] == "merged"]
+    assert merged["tokens"].tolist() == [2 * N_CTX, 4 * N_CTX]
+    assert merged["max"].tolist() == [max(c.records[i].max for c in logs) for i in range(2)]

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 #: figure size (inches) and resolution: readable at its real size in a report
 FIG_SIZE = (8.0, 4.5)
 DPI = 110
+#: shards named in the legend (more would hide the plot; the table names them all)
+MAX_LABELLED = 8
 
 
 def plot_convergence(df: pd.DataFrame, path: str | Path, *, eps: float, title: str) -> Path:

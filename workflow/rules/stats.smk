@@ -3,6 +3,7 @@
 
 localrules:
     report_statistics,
+    convergence,
 
 
 rule stats:
@@ -34,6 +35,7 @@ rule report_statistics:
     input:
         tensors="results/{m}/stats/tensors.parquet",
         layers="results/{m}/stats/layers.parquet",
+        convergence="results/{m}/stats/convergence.parquet",
     output:
         html=report(
             "results/{m}/report/statistics.html",
@@ -48,3 +50,26 @@ rule report_statistics:
         conda_env()
     script:
         "../scripts/report_statistics.py"
+
+
+rule convergence:
+    input:
+        shards=get_shard_files,
+    output:
+        table="results/{m}/stats/convergence.parquet",
+        plot=report(
+            "results/{m}/stats/convergence.png",
+            caption="../report/convergence.rst",
+            category="Imatrix statistics",
+            subcategory="{m}",
+            labels={"model": "{m}", "plot": "convergence"},
+        ),
+    log:
+        "logs/{m}/convergence.log",
+    conda:
+        conda_env()
+    params:
+        datasets=get_shard_datasets,
+        eps=convergence_eps(),
+    script:
+        "../scripts/convergence.py"

@@ -14,5 +14,9 @@ job_logging(snakemake.log[0])
 write_html_report(
     snakemake.output.html,
     f"imatrix statistics of {snakemake.wildcards.m}",
-    {"Layers": snakemake.input.layers, "Tensors": snakemake.input.tensors},
+    {
+        "Layers": snakemake.input.layers,
+        "Tensors": snakemake.input.tensors,
+        "Convergence (every shard's record and the merged view)": snakemake.input.convergence,
+    },
 )
