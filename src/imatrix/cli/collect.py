@@ -5,6 +5,9 @@ tokenize`` instead of ``-f``; ``--compat`` writes llama-imatrix's GGUF layout on
 (the default adds activation sums and provenance); the output is written once at the
 end and intermediate saves go to ``<output>.checkpoint`` (``--resume`` continues from
 it) instead of rewriting the output; ``--in-file`` without ``-f`` needs no ``-m``.
+Ours only: ``--until-converged EPS[:PATIENCE]`` stops once the convergence record
+(:mod:`imatrix.convergence`, kept in every output but ``--compat``) says the imatrix
+no longer changes; without it every chunk is collected, as llama-imatrix does.
 
 Signals: SIGTERM (what SLURM sends before a preemption's or time limit's SIGKILL)
 finishes the chunks being decoded, writes ``<output>.checkpoint`` and exits with
