@@ -35,8 +35,9 @@ import pandas as pd
 from imatrix.collect import CollectSettings, collect
 from imatrix.convergence import ConvergenceLog, StopRule, converged_at
 from imatrix.convergence_plot import plot_convergence
-from imatrix.convergence_table import convergence_table
+from imatrix.convergence_table import convergence_table, read_log
 from imatrix.evaluate import evaluate
+from imatrix.formats import read_imatrix
 from imatrix.quantize import quantize
 from imatrix.tokenize import tokenize_file
 
@@ -73,12 +74,16 @@ def parse_args() -> argparse.Namespace:
 def collect_with_snapshots(args: argparse.Namespace) -> tuple[Path, ConvergenceLog, float]:
     """The full imatrix (``full.gguf``), a snapshot every interval, and the record."""
     wd = args.workdir
+    out = wd / "full.gguf"
+    if out.exists():  # a rerun (e.g. after a failed evaluation): reuse the collection
+        conv = read_log(read_imatrix(out), str(out))
+        assert conv is not None
+        return out, conv, float("nan")
     text = wd / "calibration.txt"
     texts = args.text or DEFAULT_TEXTS
     text.write_text("\n\n".join(t.read_text(encoding="utf-8") for t in texts), encoding="utf-8")
     toks = wd / "calibration.npy"
     tokenize_file(args.base, text, toks)
-    out = wd / "full.gguf"
     settings = CollectSettings(  # records and snapshots every `interval` chunks
         n_ctx=args.ctx_size,
         n_batch=args.ctx_size * args.interval,  # groups of `interval` chunks: a record each
