@@ -95,6 +95,20 @@ def test_table_has_shard_rows_and_a_merged_view():
     assert len(df[df["view"] == "shard"]) == 4
 
 
+def test_plot_draws_every_shard_and_a_single_file(tmp_path):
+    from imatrix.convergence_plot import plot_convergence, shard_lines
+
+    a = ConvergenceLog(8, [_rec(8, 0.1), _rec(16, 0.01)])
+    one = convergence_table([("d", None, a)])
+    assert [(n, list(m)) for n, _, m in shard_lines(one[one["view"] == "shard"])] == [
+        ("d", [0.1, 0.01])
+    ]
+    two = convergence_table([("d", 0, a), ("e", 3, a)])
+    assert [n for n, _, _ in shard_lines(two[two["view"] == "shard"])] == ["d/0", "e/3"]
+    png = plot_convergence(two, tmp_path / "c.png", eps=1e-3, title="t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("value", ["0", "1e-3:0", "x", -1.0, 0])
 def test_config_rule_is_validated(value):
     with pytest.raises(ImatrixError, match=r"collect\.until_converged"):

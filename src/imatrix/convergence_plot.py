@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -26,25 +27,28 @@ DPI = 110
 MAX_LABELLED = 8
 
 
+def shard_lines(shards: pd.DataFrame) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(dataset[/shard], tokens, max)`` of each shard's record (shard null: one file)."""
+    out = []
+    for key, rows in shards.groupby(["dataset", "shard"], dropna=False, sort=False):
+        ds, sh = str(key[0]), key[1]
+        name = ds if sh is None or sh is pd.NA else f"{ds}/{sh}"
+        out.append((name, rows["tokens"].to_numpy(), rows["max"].to_numpy()))
+    return out
+
+
 def plot_convergence(df: pd.DataFrame, path: str | Path, *, eps: float, title: str) -> Path:
     """Write the plot of a :func:`imatrix.convergence_table.convergence_table` frame."""
     fig = Figure(figsize=FIG_SIZE)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     shards = df[df["view"] == VIEW_SHARD]
-    keys = shards[["dataset", "shard"]].drop_duplicates().itertuples(index=False)
-    for ds, sh in keys:
-        rows = shards[(shards["dataset"] == ds) & (shards["shard"] == sh)]
-        label = ds if pd.isna(sh) else f"{ds}/{sh}"
-        ax.plot(
-            rows["tokens"],
-            finite_or_nan(rows["max"].to_numpy()),
-            lw=0.9,
-            alpha=0.7,
-            label=f"{label} max",
-        )
+    lines = shard_lines(shards)
+    for name, tokens, mx in lines:
+        label = f"{name} max" if len(lines) <= MAX_LABELLED else None
+        ax.plot(tokens, finite_or_nan(mx), lw=0.9, label=label)
     merged = df[df["view"] == VIEW_MERGED]
-    if len(shards[["dataset", "shard"]].drop_duplicates()) > 1:
+    if len(lines) > 1:
         ax.plot(
             merged["tokens"],
             finite_or_nan(merged["max"].to_numpy()),
@@ -74,4 +78,4 @@ def plot_convergence(df: pd.DataFrame, path: str | Path, *, eps: float, title: s
     return p
 
 
-__all__ = ["plot_convergence"]
+__all__ = ["plot_convergence", "shard_lines"]
