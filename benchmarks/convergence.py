@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="F16 base model")
     p.add_argument("--text", type=Path, action="append", help="calibration text (repeatable)")
     p.add_argument("--eval-text", type=Path, default=DEFAULT_EVAL, help="held-out text")
+    p.add_argument(
+        "--shuffle",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="shuffle the texts' paragraphs (random.Random(SEED)): one stream that mixes "
+        "the domains, instead of one text after the other",
+    )
     p.add_argument("-c", "--ctx-size", type=int, default=128, help="collection chunk size")
     p.add_argument("--chunks", type=int, default=None, help="chunks to collect (default: all)")
     p.add_argument("--interval", type=int, default=8, help="-ofreq: chunks between records")
@@ -71,6 +80,16 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def calibration_text(texts: list[Path], seed: int | None) -> str:
+    """The texts one after the other, or their paragraphs shuffled with ``seed``."""
+    joined = "\n\n".join(t.read_text(encoding="utf-8") for t in texts)
+    if seed is None:
+        return joined
+    paragraphs = [p for p in joined.split("\n\n") if p.strip()]
+    random.Random(seed).shuffle(paragraphs)
+    return "\n\n".join(paragraphs)
+
+
 def collect_with_snapshots(args: argparse.Namespace) -> tuple[Path, ConvergenceLog, float]:
     """The full imatrix (``full.gguf``), a snapshot every interval, and the record."""
     wd = args.workdir
@@ -80,8 +99,7 @@ def collect_with_snapshots(args: argparse.Namespace) -> tuple[Path, ConvergenceL
         assert conv is not None
         return out, conv, float("nan")
     text = wd / "calibration.txt"
-    texts = args.text or DEFAULT_TEXTS
-    text.write_text("\n\n".join(t.read_text(encoding="utf-8") for t in texts), encoding="utf-8")
+    text.write_text(calibration_text(args.text or DEFAULT_TEXTS, args.shuffle), encoding="utf-8")
     toks = wd / "calibration.npy"
     tokenize_file(args.base, text, toks)
     settings = CollectSettings(  # records and snapshots every `interval` chunks
@@ -204,6 +222,7 @@ def main() -> None:
     report = {
         "base": str(args.base),
         "n_ctx": args.ctx_size,
+        "shuffle": args.shuffle,
         "interval": conv.interval,
         "patience": args.patience,
         "chunks": conv.chunks_used,
