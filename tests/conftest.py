@@ -60,6 +60,8 @@ SLOW_TESTS = frozenset(
         ("test_collect_lib", "test_threads_and_shared_inputs_do_not_change_the_sums"),
         ("test_bad_input", "test_config_schema_violation_fails_before_any_job"),
         ("test_plots", "test_write_plots_standard_set"),
+        ("test_convergence", "test_until_converged_equals_a_run_of_that_many_chunks"),
+        ("test_convergence", "test_resume_across_a_record_boundary_is_byte_identical"),
     }
 )
 _TOOLS = pytest.StashKey[Path]()

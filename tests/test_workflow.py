@@ -52,6 +52,8 @@ TARGETS = [
     f"results/{M}/stats/tensors.parquet",
     f"results/{M}/stats/layers.parquet",
     f"results/{M}/stats/coverage.parquet",
+    f"results/{M}/stats/convergence.parquet",
+    f"results/{M}/stats/convergence.png",
     f"results/{M}/report/statistics.html",
     f"results/{M}/quant/{M}-Q4_K_M.gguf",
     f"results/{M}/quant/{M}-IQ3_XXS.gguf",
@@ -156,6 +158,7 @@ EXPECTED_JOBS = {
     "convert": 2,
     "stats": 1,
     "coverage": 1,
+    "convergence": 1,
     "report_statistics": 1,
     "quantize": 2,
     "quantize_noimatrix": 1,  # IQ3_XXS needs an imatrix
@@ -251,7 +254,11 @@ def test_report(run_a: Path, tmp_path: Path) -> None:
     assert "<h2>Layers</h2>" in stats and "<h2>Tensors</h2>" in stats
     tensors = pd.read_parquet(results / "stats/tensors.parquet")
     layers = pd.read_parquet(results / "stats/layers.parquet")
-    assert stats.count("</tr>") == len(tensors) + len(layers) + 2  # + two header rows
+    conv = pd.read_parquet(results / "stats/convergence.parquet")
+    assert set(conv[conv["view"] == "shard"]["shard"]) == {0, 1, 2}
+    assert (conv["view"] == "merged").any()
+    # + three header rows
+    assert stats.count("</tr>") == len(tensors) + len(layers) + len(conv) + 3
     for name in tensors["name"]:
         assert f"<td>{name}</td>" in stats, name
     evaluation = eval_html.decode()
@@ -263,7 +270,7 @@ def test_report(run_a: Path, tmp_path: Path) -> None:
     # every plot, as PNG, byte for byte
     plots = [*sorted((results / "stats/plots").glob("*.png")), results / "eval/kld_vs_size.png"]
     assert plots
-    for png in plots:
+    for png in [*plots, results / "stats/convergence.png"]:
         assert files.get(png.name) == [png.read_bytes()], png.name
 
 
@@ -464,6 +471,10 @@ BAD_CONFIGS = {
     "missing model file": (
         lambda c: c["models"]["tiny"].update(path="models/none.gguf"),
         "models.tiny.path: models/none.gguf: no such file",
+    ),
+    "until_converged <= 0": (
+        lambda c: c["collect"].update(until_converged="0:2"),
+        "collect.until_converged: EPS must be a positive number",
     ),
     "unknown key": (
         lambda c: c["collect"].update(n_context=256),

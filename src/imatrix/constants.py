@@ -97,6 +97,8 @@ KEY_MODEL_SHA256 = PROVENANCE_PREFIX + "model_sha256"
 KEY_DATASET_SHA256 = PROVENANCE_PREFIX + "dataset_sha256"
 KEY_TOKENIZER = PROVENANCE_PREFIX + "tokenizer"
 KEY_CHUNK_REACHED = PROVENANCE_PREFIX + "chunk_reached"
+#: a collection's convergence record and stop (JSON; imatrix.convergence)
+KEY_CONVERGENCE = PROVENANCE_PREFIX + "convergence"
 
 # --- keys llama-quantize adds to a quantized model (tools/quantize/quantize.cpp;
 # gguf-py does not have them) ----------------------------------------------------

@@ -29,6 +29,7 @@ from imatrix.constants import (
     KEY_CHUNK_COUNT,
     KEY_CHUNK_REACHED,
     KEY_CHUNK_SIZE,
+    KEY_CONVERGENCE,
     KEY_DATASET_SHA256,
     KEY_DATASETS,
     KEY_GENERAL_ARCHITECTURE,
@@ -174,6 +175,7 @@ def _from_gguf(g: GGUFFile, *, strict: bool) -> ImatrixData:
         tokenizer=_kv_str(g, KEY_TOKENIZER),
         version=_kv_str(g, KEY_VERSION),
         chunk_reached=reached,
+        convergence=_kv_str(g, KEY_CONVERGENCE),
     )
     data = ImatrixData(
         entries=entries,
@@ -360,6 +362,8 @@ def to_gguf_bytes(
             w.add_string(KEY_TOKENIZER, prov.tokenizer)
         if prov.chunk_reached is not None:
             w.add_uint32(KEY_CHUNK_REACHED, prov.chunk_reached)
+        if prov.convergence:
+            w.add_string(KEY_CONVERGENCE, prov.convergence)
         for key, value in (extra or {}).items():
             w.add_string(key, value)
     _warn_partial(data)

@@ -87,6 +87,8 @@ class Provenance:
     tokenizer: str | None = None  # JSON text: add_bos, parse_special, n_vocab, ...
     version: str | None = None
     chunk_reached: int | None = None  # checkpoints only: absolute chunk index reached
+    #: a collection's convergence record, JSON (:class:`imatrix.convergence.ConvergenceLog`)
+    convergence: str | None = None
 
 
 @dataclass

@@ -13,11 +13,13 @@ from snakemake.utils import validate
 # (workflow.basedir is the directory of workflow/Snakefile).
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
+from imatrix.convergence import DEFAULT_EPS  # noqa: E402
 from imatrix.errors import ImatrixError  # noqa: E402
 from imatrix.workflow import resources as job_resources  # noqa: E402
 from imatrix.workflow.config import (  # noqa: E402
     canonical_quant_types,
     check_config,
+    check_until_converged,
     schema_error_line,
     types_without_imatrix,
 )
@@ -170,8 +172,22 @@ def get_shard_datasets(wildcards):
 
 def collect_settings():
     """The collection settings a shard depends on (a change reruns the collection)."""
-    keys = ("n_ctx", "n_batch", "n_ubatch", "process_output", "ppl", "parse_special")
+    keys = (
+        "n_ctx",
+        "n_batch",
+        "n_ubatch",
+        "process_output",
+        "ppl",
+        "parse_special",
+        "until_converged",
+    )
     return {k: COLLECT[k] for k in keys}
+
+
+def convergence_eps():
+    """The threshold drawn in the convergence plot: the stop rule's, else stats' default."""
+    stop = check_until_converged(COLLECT["until_converged"])
+    return DEFAULT_EPS if stop is None else stop.eps
 
 
 def quant_files(m):
@@ -242,6 +258,8 @@ def get_all_targets(wildcards):
             f"results/{m}/stats/layers.parquet",
             f"results/{m}/stats/coverage.parquet",
             f"results/{m}/stats/plots",
+            f"results/{m}/stats/convergence.parquet",
+            f"results/{m}/stats/convergence.png",
             f"results/{m}/report/statistics.html",
         ]
         out += quant_files(m)

@@ -4,6 +4,7 @@
 
 localrules:
     report_statistics,
+    convergence,
 
 
 rule stats:
@@ -55,6 +56,7 @@ rule report_statistics:
         tensors="results/{m}/stats/tensors.parquet",
         layers="results/{m}/stats/layers.parquet",
         coverage="results/{m}/stats/coverage.parquet",
+        convergence="results/{m}/stats/convergence.parquet",
     output:
         html=report(
             "results/{m}/report/statistics.html",
@@ -71,3 +73,26 @@ rule report_statistics:
         min_expert_tokens=config["health"]["min_expert_tokens"],
     script:
         "../scripts/report_statistics.py"
+
+
+rule convergence:
+    input:
+        shards=get_shard_files,
+    output:
+        table="results/{m}/stats/convergence.parquet",
+        plot=report(
+            "results/{m}/stats/convergence.png",
+            caption="../report/convergence.rst",
+            category="Imatrix statistics",
+            subcategory="{m}",
+            labels={"model": "{m}", "plot": "convergence"},
+        ),
+    log:
+        "logs/{m}/convergence.log",
+    conda:
+        conda_env()
+    params:
+        datasets=get_shard_datasets,
+        eps=convergence_eps(),
+    script:
+        "../scripts/convergence.py"

@@ -29,4 +29,5 @@ collect_shard(
     ngl=snakemake.params.ngl,
     threads=snakemake.threads,
     output_frequency=snakemake.params.output_frequency,
+    until_converged=settings["until_converged"],
 )

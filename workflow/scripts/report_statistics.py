@@ -18,4 +18,5 @@ write_statistics_report(
     snakemake.input.layers,
     snakemake.input.coverage,
     snakemake.params.min_expert_tokens,
+    snakemake.input.convergence,
 )

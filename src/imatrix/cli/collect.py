@@ -5,6 +5,9 @@ tokenize`` instead of ``-f``; ``--compat`` writes llama-imatrix's GGUF layout on
 (the default adds activation sums and provenance); the output is written once at the
 end and intermediate saves go to ``<output>.checkpoint`` (``--resume`` continues from
 it) instead of rewriting the output; ``--in-file`` without ``-f`` needs no ``-m``.
+Ours only: ``--until-converged EPS[:PATIENCE]`` stops once the convergence record
+(:mod:`imatrix.convergence`, kept in every output but ``--compat``) says the imatrix
+no longer changes; without it every chunk is collected, as llama-imatrix does.
 
 Signals: SIGTERM (what SLURM sends before a preemption's or time limit's SIGKILL)
 finishes the chunks being decoded, writes ``<output>.checkpoint`` and exits with
@@ -25,6 +28,12 @@ import numpy as np
 from imatrix.atomic import check_writable
 from imatrix.cli import add_verbosity
 from imatrix.constants import DEFAULT_OUTPUT
+from imatrix.convergence import (
+    DEFAULT_PATIENCE,
+    MAX_RECORD_INTERVAL,
+    StopRule,
+    parse_stop_rule,
+)
 from imatrix.errors import ImatrixError
 from imatrix.formats import (
     FORMAT_DAT,
@@ -118,6 +127,15 @@ def _add_collection(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--parse-special", action="store_true", help="parse special tokens in the text")
     p.add_argument(
+        "--until-converged",
+        type=_stop_rule,
+        default=None,
+        metavar="EPS[:PATIENCE]",
+        help="ours: stop once the convergence record's largest 1-cos change stays below EPS "
+        f"for PATIENCE consecutive records (default PATIENCE {DEFAULT_PATIENCE}; a record "
+        f"every min(-ofreq, {MAX_RECORD_INTERVAL}) chunks); default: every chunk",
+    )
+    p.add_argument(
         "--show-statistics", action="store_true", help="show statistics of one --in-file and exit"
     )
 
@@ -161,6 +179,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)"
     )
+
+
+def _stop_rule(text: str) -> StopRule:
+    try:
+        return parse_stop_rule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _in_files(values: list[str]) -> list[str]:
@@ -353,6 +378,7 @@ def _settings(
         resume=args.resume,
         progress=False if args.no_progress else None,
         verbosity=args.verbosity,
+        until_converged=args.until_converged,
     )
 
 
@@ -366,6 +392,9 @@ def _report(result: CollectResult) -> None:
         else:
             sys.stdout.write(f"Final estimate: PPL = {p.ppl:.4f} +/- {err:.5f}\n")
     sys.stdout.flush()
+    conv = result.convergence
+    if conv is not None and conv.stopped_at is not None:
+        log.info("converged: stopped after %d chunks (chunk %d)", conv.chunks_used, conv.stopped_at)
     rate = result.n_tokens / result.seconds if result.seconds > 0 else float("nan")
     log.info(
         "%d tokens in %.2f s (%.1f tokens/s)%s",

@@ -123,7 +123,7 @@ def collect(
             data=data,
             perplexity=start.ppl,
             first_chunk=job.plan.first,
-            last_chunk=job.plan.last,
+            last_chunk=stats.end_chunk,
             n_tokens=stats.n_tokens,
             seconds=time.perf_counter() - t0,
             compute_seconds=stats.compute_seconds,
@@ -132,6 +132,7 @@ def collect(
             stopped_early=collector.stop_after is not None,
             resumed_from=start.resumed_from,
             outputs=stats.outputs,
+            convergence=None if stats.convergence is None else stats.convergence.log,
         )
 
 
@@ -152,7 +153,8 @@ def _remove_temporaries(job: Job) -> None:
 
 def _finish(job: Job, collector: Collector, stats: LoopStats) -> ImatrixData:
     """The final data; written to the output, after which the checkpoint goes."""
-    data = job.data(collector.entries(), None)
+    conv = stats.convergence
+    data = job.data(collector.entries(), None, None if conv is None else conv.log.to_json())
     if job.output is not None:
         s = job.settings
         write_imatrix(data, job.output, output_format=s.output_format, compat=s.compat)

@@ -40,6 +40,8 @@ log = logging.getLogger(__package__)  # one logger name for the whole collector
 
 KEY_CHECKPOINT_STATE = PROVENANCE_PREFIX + "checkpoint"
 CHECKPOINT_SUFFIX = ".checkpoint"
+#: the state's entry for the convergence record (:mod:`.convergence`)
+CONVERGENCE_STATE_KEY = "convergence"
 
 #: what a signature holds: every setting that changes what the chunks contribute
 Signature = dict[str, Any]
@@ -69,11 +71,13 @@ def signature(
     dataset: str | None,
     process_output: bool,
     base: ImatrixData | None,
+    until_converged: dict[str, Any] | None = None,
 ) -> Signature:
     """The settings a checkpoint must have been made with to be resumed from: the
     model, the tokens and the name recorded for them, ``-c``, the chunk range,
     ``--process-output``, and the ``--in-file`` data (its datasets, and with one its
-    sums: two inputs of the same datasets may hold different data)."""
+    sums: two inputs of the same datasets may hold different data), and the
+    ``--until-converged`` rule (it decides where the run ends)."""
     sig: Signature = {
         "model_sha256": model_sha,
         "tokens_sha256": tokens_sha256(tokens),
@@ -86,6 +90,8 @@ def signature(
     }
     if base is not None:  # absent without one: older checkpoints stay valid
         sig["base_sha256"] = _data_digest(base)
+    if until_converged is not None:  # likewise absent without one
+        sig["until_converged"] = until_converged
     return sig
 
 
@@ -159,9 +165,11 @@ def write_checkpoint(
     ppl: Perplexity | None,
     verbosity: int,
     exact: dict[str, dict[str, str | None]] | None = None,
+    convergence: dict[str, Any] | None = None,
 ) -> None:
     """Write ``data`` (with ``chunk_reached`` set) and its state atomically to ``path``
-    (``exact``: :func:`exact_sums` of the running sums, for a checkpoint off the cadence)."""
+    (``exact``: :func:`exact_sums` of the running sums, for a checkpoint off the cadence;
+    ``convergence``: the convergence tracker's state)."""
     state: dict[str, Any] = {
         "signature": sig,
         "counts": counts,
@@ -169,6 +177,8 @@ def write_checkpoint(
     }
     if exact is not None:
         state["exact"] = exact
+    if convergence is not None:
+        state[CONVERGENCE_STATE_KEY] = convergence
     state["sha256"] = checkpoint_digest(data, state)
     payload = to_gguf_bytes(
         data, extra={KEY_CHECKPOINT_STATE: json.dumps(state, separators=(",", ":"))}
@@ -247,12 +257,14 @@ def _restore_exact(data: ImatrixData, exact: dict[str, Any], path: Path) -> None
 @dataclass
 class StartPoint:
     """Where a collection starts: its first chunk, the sums so far, the perplexity so
-    far, and the chunk it resumed from (None: not resumed)."""
+    far, the chunk it resumed from (None: not resumed) and the checkpoint's convergence
+    state (None: a fresh start, or a checkpoint without one)."""
 
     chunk: int
     entries: dict[str, Entry]
     ppl: Perplexity | None
     resumed_from: int | None = None
+    convergence: dict[str, Any] | None = None
 
 
 def start_point(
@@ -286,11 +298,12 @@ def start_point(
             "%s has no perplexity state; perplexity covers only the chunks from %d", ckpt, reached
         )
     log.info("resuming from %s at chunk %d", ckpt, reached)
-    return StartPoint(reached, data.entries, ppl, reached)
+    return StartPoint(reached, data.entries, ppl, reached, state.get(CONVERGENCE_STATE_KEY))
 
 
 __all__ = [
     "CHECKPOINT_SUFFIX",
+    "CONVERGENCE_STATE_KEY",
     "KEY_CHECKPOINT_STATE",
     "CorruptCheckpoint",
     "Signature",

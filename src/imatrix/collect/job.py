@@ -37,9 +37,11 @@ class Job:
     def base_datasets(self) -> list[str]:
         return list(self.base.datasets) if self.base is not None else []
 
-    def data(self, entries: dict[str, Entry], reached: int | None) -> ImatrixData:
+    def data(
+        self, entries: dict[str, Entry], reached: int | None, convergence: str | None = None
+    ) -> ImatrixData:
         """The imatrix of ``entries`` as this job records it (``reached``: the chunk a
-        checkpoint has reached; None for the output)."""
+        checkpoint has reached, None for the output; ``convergence``: the record's JSON)."""
         prov, base = self.provenance, self.base
         data = ImatrixData(
             entries=entries,
@@ -52,6 +54,7 @@ class Job:
                 tokenizer=prov.tokenizer,
                 version=prov.version,
                 chunk_reached=reached,
+                convergence=convergence,
             ),
         )
         data.chunk_count = data.derived_chunk_count()
@@ -73,6 +76,7 @@ def prepare_job(
     source = load_token_source(tokens, dataset)
     plan = plan_chunks(source.tokens, settings)
     prov = provenance_for(provenance, source.meta)
+    rule = settings.until_converged
     sig = signature(
         model_sha=prov.model_sha256,
         tokens=source.tokens,
@@ -82,6 +86,7 @@ def prepare_job(
         dataset=source.dataset,
         process_output=settings.process_output,
         base=base,
+        until_converged=None if rule is None else rule.as_dict(),
     )
     return Job(model, plan, settings, source.dataset, prov, base, output, sig)
 

@@ -22,6 +22,7 @@ import numpy as np
 from imatrix import faults
 from imatrix.collect.checkpoint import StartPoint, checkpoint_due, exact_sums, write_checkpoint
 from imatrix.collect.collector import MIN_ROWS, Collector
+from imatrix.collect.convergence import ConvergenceTracker, tracker_for
 from imatrix.collect.job import Job
 from imatrix.collect.plan import BatchSpec
 from imatrix.collect.settings import CollectSettings
@@ -52,6 +53,10 @@ class LoopStats:
     compute_seconds: float = 0.0
     ppl_seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
+    #: the convergence record; the chunk the loop ended at (``until_converged`` may end
+    #: it before the plan's last)
+    convergence: ConvergenceTracker | None = None
+    end_chunk: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ def run_chunks(
             cb_eval=collector,
         ) as ctx:
             loop = ChunkLoop(job, ctx, collector, start.ppl, pool, threads.n_threads, stop)
+            loop.stats.convergence = tracker_for(job, start)
             loop.run(m, start.chunk, on_chunk)
     return collector, loop.stats
 
@@ -165,6 +171,7 @@ class ChunkLoop:
             plan.n_seq,
         )
         bos = model.bos if model.add_bos else None
+        self.stats.end_chunk = plan.last
         self._bar = _progress(total * plan.n_ctx, self.job.settings.progress)
         t_loop = time.perf_counter()  # the probe is part of the work
         verify = self.job.settings.may_stop_early and self.probe(plan.chunk(start), bos)
@@ -177,7 +184,8 @@ class ChunkLoop:
                     dt = time.perf_counter() - tg
                     eta = dt * math.ceil(total / plan.n_seq)
                     log.info("%.2f seconds per pass - ETA %s", dt, _fmt_eta(eta))
-                self.after_group(g0, n, nll, on_chunk)
+                if self.after_group(g0, n, nll, on_chunk):
+                    break  # converged
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -258,9 +266,10 @@ class ChunkLoop:
 
     def after_group(
         self, g0: int, n: int, nll: list[list[np.ndarray]], on_chunk: ChunkCallback | None
-    ) -> None:
+    ) -> bool:
         """Add the group's perplexity and count it, then write what is due: a
-        checkpoint, a snapshot; stop here if asked to (SIGTERM)."""
+        convergence record, a checkpoint, a snapshot; stop here if asked to (SIGTERM).
+        True when the collection has converged here (the output follows at once)."""
         for s in range(n):
             running = None if self.ppl is None else self.ppl.add_chunk(np.concatenate(nll[s]))
             if on_chunk is not None:
@@ -270,15 +279,20 @@ class ChunkLoop:
         faults.point("collect.chunk")
         if self._bar is not None:
             self._bar.update(n * n_ctx)
-        if self.job.output is None:
-            return
         plan, reached = self.job.plan, g0 + n
+        conv = self.stats.convergence
+        converged = conv is not None and conv.after_group(g0, reached, self.collector.acc.entries)
+        if converged:
+            self.stats.end_chunk = reached
+        if self.job.output is None:
+            return converged
         freq = self.job.settings.output_frequency
-        due = checkpoint_due(g0, reached, first=plan.first, last=plan.last, frequency=freq)
+        last = reached if converged else plan.last  # as if --chunks had ended it here
+        due = checkpoint_due(g0, reached, first=plan.first, last=last, frequency=freq)
         if due:
             self.write_checkpoint(reached)
         self.save_snapshot_if_due()
-        if self.stop.requested and reached < plan.last:
+        if self.stop.requested and reached < last:
             if not due:  # off the cadence: the sums are not rounded here, save them exactly
                 self.write_checkpoint(reached, exact=True)
             log.warning(
@@ -288,20 +302,22 @@ class ChunkLoop:
                 self.job.checkpoint,
             )
             raise Terminated(reached, self.job.checkpoint)
+        return converged
 
     def write_checkpoint(self, reached: int, *, exact: bool = False) -> None:
         """A periodic checkpoint rounds the running sums to the file's float32 (the
         uninterrupted run does the same at that chunk); an exact one carries them."""
-        ckpt = self.job.checkpoint
-        assert ckpt is not None
+        ckpt, conv = self.job.checkpoint, self.stats.convergence
+        assert ckpt is not None and conv is not None
         write_checkpoint(
             ckpt,
-            self.job.data(self.collector.entries(), reached),
+            self.job.data(self.collector.entries(), reached, conv.log.to_json()),
             self.job.signature,
             self.collector.acc.exact_counts(),
             self.ppl,
             self.job.settings.verbosity,
             exact_sums(self.collector.acc.entries) if exact else None,
+            conv.state(reached),
         )
         if not exact:
             self.collector.round_to_float32()
@@ -317,7 +333,10 @@ class ChunkLoop:
         if cc_now // s.save_frequency <= self._cc_prev // s.save_frequency:
             return
         snap = Path(f"{self.job.output}.at_{cc_now}")
-        data = self.job.data(self.collector.entries(), None)
+        conv = self.stats.convergence
+        data = self.job.data(
+            self.collector.entries(), None, None if conv is None else conv.log.to_json()
+        )
         write_imatrix(data, snap, output_format=s.output_format, compat=s.compat)
         self.stats.outputs.append(snap)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imatrix.convergence import ConvergenceLog, StopRule
 from imatrix.errors import ImatrixError
 from imatrix.formats import FORMAT_GGUF, FORMATS
 from imatrix.model import ImatrixData
@@ -41,6 +42,9 @@ class CollectSettings:
         with the same settings.
     Reporting:
         ``progress`` (None: a bar on a terminal); ``verbosity`` (llama-imatrix's ``-lv``).
+    Ours:
+        ``until_converged``: stop once the convergence record says so
+        (:mod:`imatrix.convergence`; None: collect every chunk, as llama-imatrix).
     """
 
     first_chunk: int = 0
@@ -62,6 +66,7 @@ class CollectSettings:
     resume: bool = False
     progress: bool | None = None
     verbosity: int = 1
+    until_converged: StopRule | None = None
 
     def validate(self) -> None:
         """Refuse settings no run can use (before any file is read)."""
@@ -90,6 +95,8 @@ class CollectResult:
     #: True when graphs were cut after the last needed tensor
     stopped_early: bool
     resumed_from: int | None = None
+    #: the convergence record (``last_chunk`` is where ``until_converged`` stopped)
+    convergence: ConvergenceLog | None = None
     #: parts of compute_seconds: summing activations (in the callback), perplexity
     collect_seconds: float = 0.0
     ppl_seconds: float = 0.0

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from imatrix.convergence import StopRule, parse_stop_rule
 from imatrix.errors import ImatrixError
 from imatrix.qtypes import QUANT_TYPES, parse_ggml_type, parse_quant_type, requires_imatrix
 from imatrix.workflow.model_datasets import check_model_datasets
@@ -64,6 +65,17 @@ def schema_error_line(exc: BaseException) -> str:
     return f"{path}: {message}"
 
 
+def check_until_converged(value: object) -> StopRule | None:
+    """``collect.until_converged``: null (off), EPS, or "EPS[:PATIENCE]" as on the CLI."""
+    if value is None:
+        return None
+    text = str(value) if isinstance(value, (int, float, str)) and value is not True else ""
+    try:
+        return parse_stop_rule(text)
+    except ValueError as exc:
+        raise ImatrixError(f"collect.until_converged: {exc}") from None
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """Refuse a config whose files are missing or whose models or types are unknown."""
     for name, model in config["models"].items():
@@ -78,6 +90,7 @@ def check_config(config: Mapping[str, Any]) -> None:
         if "path" in ds:
             _need_file(f"datasets.{name}.path", ds["path"])
     check_model_datasets(config["datasets"], config["models"])
+    check_until_converged(config.get("collect", {}).get("until_converged"))
     canonical_quant_types(config["quantize"]["types"])
     check_plans(config["quantize"].get("plans") or [])
     for t in (config["quantize"].get("planner") or {}).get("types") or []:

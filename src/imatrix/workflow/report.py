@@ -103,14 +103,17 @@ def write_statistics_report(
     layers: str,
     coverage: str,
     min_expert_tokens: int,
+    convergence: str,
 ) -> Path:
-    """The statistics page: layers and tensors, and for a MoE model a small view of the
-    expert coverage (per dataset and layer, :func:`imatrix.coverage.layer_view`)."""
+    """The statistics page: layers and tensors, every shard's convergence record, and
+    for a MoE model a small view of the expert coverage (per dataset and layer,
+    :func:`imatrix.coverage.layer_view`)."""
     import pandas as pd
 
     from imatrix.coverage import layer_view
 
     tables: dict[str, Any] = {"Layers": layers, "Tensors": tensors}
+    tables["Convergence (every shard's record and the merged view)"] = convergence
     view = layer_view(pd.read_parquet(coverage), min_expert_tokens)
     if not view.empty:
         tables["Expert coverage (tokens per expert, least covered tensor of each layer)"] = view

@@ -10,8 +10,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from imatrix.convergence import ConvergenceLog
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix
+from imatrix.workflow.config import check_until_converged
 from imatrix.workflow.gpu import claim_gpu
 from imatrix.workflow.shards import dataset_chunks, shard_range
 
@@ -36,10 +38,14 @@ def collect_shard(
     ngl: int,
     threads: int,
     output_frequency: int,
+    until_converged: str | float | None = None,
 ) -> Path:
     """Collect one shard: the chunk range this shard owns, on a GPU of its own when
     layers are offloaded, resuming from ``<output>.checkpoint`` if a previous run of
-    this job was killed."""
+    this job was killed; with ``until_converged`` (config ``collect.until_converged``)
+    the shard stops once its convergence record says so, and its imatrix records the
+    chunks it used."""
+    rule = check_until_converged(until_converged)
     n = dataset_chunks(tokens, n_ctx, chunks)
     first, last = shard_range(
         n, shard, shards=shards, chunks_per_shard=chunks_per_shard, dataset=f"dataset '{dataset}'"
@@ -61,10 +67,12 @@ def collect_shard(
             compute_ppl=ppl,
             output_frequency=output_frequency,
             resume=True,
+            until_converged=rule,
         )
 
         def run() -> None:
-            collect(model, tokens, output, settings, dataset=dataset)
+            res = collect(model, tokens, output, settings, dataset=dataset)
+            _log_chunks_used(res.convergence, f"dataset {dataset} shard {shard}", last - first)
 
         try:
             run()
@@ -74,6 +82,11 @@ def collect_shard(
             checkpoint_path(output).unlink(missing_ok=True)
             run()
     return Path(output)
+
+
+def _log_chunks_used(conv: ConvergenceLog | None, what: str, planned: int) -> None:
+    if conv is not None and conv.stopped_at is not None:
+        log.info("%s converged: used %d of %d chunks", what, conv.chunks_used, planned)
 
 
 def evaluate_quants(
@@ -153,3 +166,26 @@ def imatrix_statistics(src: str, tensors: str, layers: str, plots: str) -> None:
         raise ImatrixError(f"statistics tables must be named {tp.name} and {lp.name}")
     Path(plots).mkdir(parents=True, exist_ok=True)
     write_plots(data, t, plots)
+
+
+def convergence_statistics(
+    shards: Sequence[str], datasets: Sequence[str], table: str, plot: str, *, eps: float
+) -> None:
+    """Every shard's convergence record and their merged view (``convergence.parquet``),
+    and its plot. A shard's index is its file name (``{s}.gguf``)."""
+    from imatrix.convergence_plot import plot_convergence
+    from imatrix.convergence_table import convergence_table, read_log, write_convergence_parquet
+
+    if len(shards) != len(datasets):
+        raise ImatrixError(f"{len(shards)} shards for {len(datasets)} dataset names")
+    logs = []
+    for path, dataset in zip(shards, datasets, strict=True):
+        conv = read_log(read_imatrix(path), path)
+        if conv is None:
+            log.warning("%s has no convergence record", path)
+            continue
+        logs.append((dataset, int(Path(path).stem), conv))
+    df = convergence_table(logs)
+    write_convergence_parquet(df, table)
+    m = Path(table).parent.parent.name
+    plot_convergence(df, plot, eps=eps, title=f"convergence of the shards of {m}")
