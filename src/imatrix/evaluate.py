@@ -58,6 +58,7 @@ import pandas as pd
 
 from imatrix.atomic import atomic_output
 from imatrix.constants import (
+    DEFAULT_EVAL_SET,
     KEY_GENERAL_FILE_TYPE,
     KEY_QUANTIZE_IMATRIX_FILE,
     KEYS_QUANTIZE_IMATRIX,
@@ -108,6 +109,7 @@ SUMMARY_COLUMN_DOCS: dict[str, str] = {
     "base": "the base model file",
     "imatrix_file": "quantize.imatrix.file of the model (null when absent)",
     "text": "the evaluation text",
+    "eval_set": "name of the evaluation set the text stands for (workflow evaluate.texts)",
 }
 SUMMARY_COLUMNS = list(SUMMARY_COLUMN_DOCS)
 #: columns added later: missing (NaN) in older summaries, which can still be merged
@@ -718,6 +720,7 @@ def evaluate(
     n_gpu_layers: int = -1,
     parse_special: bool = False,
     kld_method: str = "exact",
+    eval_set: str = DEFAULT_EVAL_SET,
 ) -> pd.DataFrame:
     """Evaluate ``quants`` against ``base`` on the text file ``text``.
 
@@ -727,7 +730,7 @@ def evaluate(
     ``threads`` (default: the physical cores) are shared by the models, which decode
     side by side; ``rows`` is the block size (logits rows decoded and compared at
     once), default from :func:`default_rows`; ``kld_method`` "exact" or "llama" (see
-    the module docstring). Raises :class:`ImatrixError` for a text that is too
+    the module docstring); ``eval_set`` names the text's set in the table. Raises :class:`ImatrixError` for a text that is too
     short, a model that does not load, or models with different vocabularies.
     """
     from imatrix.llama_api import default_threads, load_model
@@ -758,7 +761,13 @@ def evaluate(
         work = _Work.create(stack, plan, bm.n_vocab, kld_method, len(quants))
         bnll = _run_chunks(decoders, work, plan, tokens, bm.bos if bm.add_bos else None)
         facts = [model_facts(m) for m in models]
-    common = {"n_chunks": plan.n_chunks, "n_ctx": n_ctx, "base": str(base), "text": str(text)}
+    common = {
+        "n_chunks": plan.n_chunks,
+        "n_ctx": n_ctx,
+        "base": str(base),
+        "text": str(text),
+        "eval_set": eval_set,
+    }
     return summary_table(facts, bnll, work.accs, common)
 
 
@@ -793,10 +802,15 @@ def merge_summaries(
     for col in _ADDED_COLUMNS:  # summaries written before the column existed
         if col not in df.columns:
             df[col] = math.nan
+    if "eval_set" not in df.columns:  # likewise: they were on one text
+        df["eval_set"] = DEFAULT_EVAL_SET
+    df["eval_set"] = df["eval_set"].fillna(DEFAULT_EVAL_SET)
     missing = [c for c in SUMMARY_COLUMNS if c not in df.columns]
     if missing:
         raise ImatrixError(f"summary lacks columns {missing}")
-    df = df.drop_duplicates(subset=["path", "base", "text", "n_ctx", "n_chunks"], keep="first")
+    df = df.drop_duplicates(
+        subset=["path", "base", "text", "eval_set", "n_ctx", "n_chunks"], keep="first"
+    )
     df = df.sort_values(["is_base", "bpw"], ascending=[False, True], kind="stable")
     df = df.reset_index(drop=True)[SUMMARY_COLUMNS]
     if output is not None:

@@ -29,6 +29,7 @@ from imatrix.constants import (
     KEY_CHUNK_COUNT,
     KEY_CHUNK_REACHED,
     KEY_CHUNK_SIZE,
+    KEY_DATASET_SELECTION,
     KEY_DATASET_SHA256,
     KEY_DATASETS,
     KEY_GENERAL_ARCHITECTURE,
@@ -174,6 +175,7 @@ def _from_gguf(g: GGUFFile, *, strict: bool) -> ImatrixData:
         tokenizer=_kv_str(g, KEY_TOKENIZER),
         version=_kv_str(g, KEY_VERSION),
         chunk_reached=reached,
+        dataset_selection=_kv_strings(g, KEY_DATASET_SELECTION),
     )
     data = ImatrixData(
         entries=entries,
@@ -360,6 +362,8 @@ def to_gguf_bytes(
             w.add_string(KEY_TOKENIZER, prov.tokenizer)
         if prov.chunk_reached is not None:
             w.add_uint32(KEY_CHUNK_REACHED, prov.chunk_reached)
+        if any(prov.dataset_selection):
+            w.add_string_array(KEY_DATASET_SELECTION, prov.dataset_selection)
         for key, value in (extra or {}).items():
             w.add_string(key, value)
     _warn_partial(data)
@@ -474,5 +478,6 @@ def describe(data: ImatrixData, path: str) -> dict[str, Any]:
             "tokenizer": json.loads(tok) if tok else None,
             "version": data.provenance.version,
             "chunk_reached": data.provenance.chunk_reached,
+            "dataset_selection": [json.loads(s) if s else None for s in data.selections()],
         },
     }

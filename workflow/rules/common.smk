@@ -18,12 +18,17 @@ from imatrix.workflow import resources as job_resources  # noqa: E402
 from imatrix.workflow.config import (  # noqa: E402
     canonical_quant_types,
     check_config,
+    eval_sets,
+    schema_error,
     types_without_imatrix,
 )
 from imatrix.workflow.datasets import dataset_format  # noqa: E402
 from imatrix.workflow.shards import dataset_chunks, shard_count  # noqa: E402
 
-validate(config, schema="../schemas/config.schema.yaml")
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as exc:
+    raise WorkflowError(f"invalid config: {schema_error(exc)}") from None
 
 try:
     check_config(config)
@@ -36,6 +41,7 @@ QUANT_TYPES = canonical_quant_types(config["quantize"]["types"])
 QUANT_TYPES_NO_IMATRIX = types_without_imatrix(QUANT_TYPES)
 COLLECT = config["collect"]
 EVALUATE = config["evaluate"]
+EVAL_SETS = eval_sets(EVALUATE)
 
 
 def alternatives(names):
@@ -72,11 +78,33 @@ def get_dataset_path(wildcards):
 
 
 def get_dataset_text(wildcards):
-    """Plain text of a dataset: text files as they are, JSONL/Parquet extracted first."""
+    """Plain text of a dataset: text files as they are, JSONL/Parquet extracted first
+    (with document boundaries the tokenizer reads the records themselves)."""
     ds = config["datasets"][wildcards.d]
+    if ds["boundary"] == "document":
+        return ds["path"]
     if dataset_format(ds["path"], ds["format"]) == "text":
         return ds["path"]
     return f"results/datasets/{wildcards.d}.txt"
+
+
+def get_selection(wildcards):
+    """How the tokenizer chooses a dataset's chunks (imatrix.sampling.Selection, and
+    where a document-boundary dataset's records are). False for llama-imatrix's whole
+    stream: it does not depend on n_ctx, and Snakemake keeps params as a set of values,
+    so False leaves the params of runs made before this option unchanged (no rerun)."""
+    ds = config["datasets"][wildcards.d]
+    if ds["boundary"] == "stream" and ds["sample"] is None:
+        return False
+    sample = ds["sample"] or {}
+    return {
+        "n_ctx": COLLECT["n_ctx"],
+        "boundary": ds["boundary"],
+        "chunks": sample.get("chunks"),
+        "seed": sample.get("seed", 0),
+        "format": ds["format"],
+        "text_column": ds["text_column"],
+    }
 
 
 def get_dataset_settings(wildcards):
@@ -142,9 +170,10 @@ def get_quant_files(wildcards):
     return quant_files(wildcards.m)
 
 
-def get_eval_text(wildcards):
-    """The held-out text of the evaluation (the rule is only targeted when one is set)."""
-    return EVALUATE["text"]
+def get_eval_texts(wildcards):
+    """The held-out texts of the evaluation, set by set (the rule is only targeted when
+    there is one); their names are EVAL_SETS' keys in the same order."""
+    return list(EVAL_SETS.values())
 
 
 def imatrix_files(m):
@@ -174,7 +203,7 @@ def get_all_targets(wildcards):
             f"results/{m}/report/statistics.html",
         ]
         out += quant_files(m)
-        if EVALUATE["text"] is not None and QUANT_TYPES:
+        if EVAL_SETS and QUANT_TYPES:
             out += [
                 f"results/{m}/eval/summary.parquet",
                 f"results/{m}/report/evaluation.html",

@@ -9,7 +9,7 @@ rule evaluate:
     input:
         base=get_base_model,
         quants=get_quant_files,
-        text=get_eval_text,
+        texts=get_eval_texts,
     output:
         summary="results/{m}/eval/summary.parquet",
     log:
@@ -24,6 +24,7 @@ rule evaluate:
         mem_mb=get_mem_mb("evaluate"),
         runtime=get_runtime("evaluate"),
     params:
+        sets=list(EVAL_SETS),
         n_ctx=EVALUATE["n_ctx"],
         chunks=EVALUATE["chunks"],
         ngl=execution_setting(EVALUATE["ngl"]),

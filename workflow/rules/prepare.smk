@@ -65,5 +65,6 @@ checkpoint tokenize:
         conda_env()
     params:
         parse_special=COLLECT["parse_special"],
+        selection=get_selection,
     script:
         "../scripts/tokenize_text.py"

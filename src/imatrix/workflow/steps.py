@@ -7,7 +7,7 @@ before llama.cpp loads, which is why they import it inside the function.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from imatrix.errors import ImatrixError
@@ -79,7 +79,7 @@ def collect_shard(
 def evaluate_quants(
     base: str,
     quants: Sequence[str],
-    text: str,
+    texts: Mapping[str, str],
     output: str,
     *,
     n_ctx: int,
@@ -87,16 +87,33 @@ def evaluate_quants(
     threads: int,
     ngl: int,
 ) -> Path:
-    """Evaluate a model's quantizations against its base into one summary table
-    (the base's logits are computed once for all of them), on a GPU of its own when
-    layers are offloaded."""
+    """Evaluate a model's quantizations against its base on every evaluation set
+    (name -> text) into one summary table, sets in the order given, its ``eval_set``
+    column naming them (the base's logits are computed once per text for all quants),
+    on a GPU of its own when layers are offloaded."""
     with claim_gpu(None if ngl > 0 else 0):
+        import pandas as pd
+
         from imatrix.evaluate import evaluate, write_summary
 
-        df = evaluate(
-            base, list(quants), text, n_ctx=n_ctx, chunks=chunks, threads=threads, n_gpu_layers=ngl
-        )
-        return write_summary(df, output)
+        frames = []
+        for name, text in texts.items():
+            log.info("evaluation set %s: %s", name, text)
+            frames.append(
+                evaluate(
+                    base,
+                    list(quants),
+                    text,
+                    n_ctx=n_ctx,
+                    chunks=chunks,
+                    threads=threads,
+                    n_gpu_layers=ngl,
+                    eval_set=name,
+                )
+            )
+        if not frames:
+            raise ImatrixError("no evaluation text given (evaluate.text or evaluate.texts)")
+        return write_summary(pd.concat(frames, ignore_index=True), output)
 
 
 def imatrix_statistics(src: str, tensors: str, layers: str, plots: str) -> None:
