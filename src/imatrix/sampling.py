@@ -177,6 +177,7 @@ def selected_tokens(
     from imatrix.llama_api import tokenize
     from imatrix.tokenize import read_text, tokenize_text
 
+    sel.check(where)
     if sel.boundary == BOUNDARY_STREAM:
         stream = tokenize_text(model, read_text(path), parse_special=parse_special)
         rows, starts = stream_chunks(stream, sel.n_ctx)
