@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from tinymodels import sample_text
 
+from imatrix.cli import main
 from imatrix.collect import CollectSettings, collect
 from imatrix.collect.plan import plan_chunks
 from imatrix.errors import ImatrixError
@@ -164,7 +165,9 @@ def test_collect_decodes_exactly_the_chosen_chunks(
     np.testing.assert_array_equal(np.stack(seen), toks.reshape(-1, N_CTX))
 
 
-def test_choice_reaches_the_provenance(dense_model: Path, corpus: Path, tmp_path: Path) -> None:
+def test_choice_reaches_the_provenance(
+    dense_model: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = CollectSettings(n_ctx=N_CTX, n_batch=N_CTX, compute_ppl=False, threads=1)
     outs = []
     for seed in (1, 2):
@@ -176,6 +179,11 @@ def test_choice_reaches_the_provenance(dense_model: Path, corpus: Path, tmp_path
         assert chosen["sample"] == {"chunks": 2, "seed": seed}
         assert chosen["tokens_sha256"] == rec["tokens_sha256"]
         outs.append(out)
+    assert main(["info", str(outs[0])]) == 0
+    n = rec["selection"]["chunks_available"]
+    assert (
+        f"selection:   alpha: 2 of {n} chunks, seed 1, boundary stream" in capsys.readouterr().out
+    )
     data = read_imatrix(outs[0])
     assert b"dataset_selection" not in to_gguf_bytes(data, compat=True)
     plain = tmp_path / "plain.npy"
