@@ -383,6 +383,10 @@ def test_write_and_merge_summaries(dense_model, quants, calib_text, tmp_path):
     b.drop(columns=["kld_ci_low", "kld_ci_high"]).to_parquet(pb)
     old = merge_summaries([pa, pb])
     assert old["kld_ci_low"].isna().tolist() == [False, True, False]  # base, Q2_K (b), Q6_K
+    # and one from before evaluation sets: it was on the one (default) set
+    assert merged["eval_set"].tolist() == ["default"] * 3
+    b.drop(columns=["eval_set"]).to_parquet(pb)
+    assert merge_summaries([pa, pb])["eval_set"].tolist() == ["default"] * 3
 
 
 def test_default_rows_bound_memory():
@@ -467,12 +471,15 @@ def test_cli(dense_model, quants, calib_text, tmp_path, capsys):
         "1",
         "-o",
         str(out),
+        "--eval-set",
+        "web",
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split()[:3] == ["model", "type", "imatrix"]
     assert [ln.split()[0] for ln in printed[1:]] == ["tiny-dense", "dense-Q2_K", "dense-Q6_K"]
     assert list(pd.read_parquet(out)["type"]) == ["F16", "Q2_K", "Q6_K"]
+    assert list(pd.read_parquet(out)["eval_set"]) == ["web"] * 3
     assert main(["evaluate", str(dense_model), str(q2), "-f", str(tmp_path / "x.txt")]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("I ")]
     assert err == [f"imatrix evaluate: error: {tmp_path / 'x.txt'}: no such text file"]

@@ -220,6 +220,7 @@ def test_full_dag_runs(run_a: Path) -> None:
     assert summary["is_base"].tolist() == [True, False, False, False]
     assert summary["imatrix"].tolist() == [False, True, True, False]
     assert set(summary["type"]) == {"F16", "Q4_K_M", "IQ3_XXS"}
+    assert summary["eval_set"].tolist() == ["default"] * 4  # evaluate.text: one set
 
 
 #: a file Snakemake's report embeds: data:MIME;charset=ENC;filename=NAME;base64,DATA
@@ -480,6 +481,28 @@ BAD_CONFIGS = {
         lambda c: c["collect"].update(n_context=256),
         "Additional properties are not allowed ('n_context' was unexpected)",
     ),
+    # one line naming the key: these are checked as whole lines of the output
+    "sample seed not an integer": (
+        lambda c: c["datasets"]["alpha"].update(sample={"chunks": 3, "seed": "x"}),
+        "invalid config: datasets.alpha.sample.seed: 'x' is not of type 'integer'",
+    ),
+    "sample chunks < 1": (
+        lambda c: c["datasets"]["alpha"].update(sample={"chunks": 0, "seed": 1}),
+        "invalid config: datasets.alpha.sample.chunks: 0 is less than the minimum of 1",
+    ),
+    "unknown boundary": (
+        lambda c: c["datasets"]["beta"].update(boundary="paragraph"),
+        "invalid config: datasets.beta.boundary: 'paragraph' is not one of ['stream', 'document']",
+    ),
+    "evaluation text is a calibration text": (
+        lambda c: c["evaluate"].update(text=None, texts={"ok": "data/eval.txt", "web": "x.txt"}),
+        "invalid config: evaluate.texts.web: x.txt is the text of calibration dataset "
+        "'alpha'; evaluate on held-out text",
+    ),
+    "text and texts": (
+        lambda c: c["evaluate"].update(texts={"web": "data/eval.txt"}),
+        "invalid config: evaluate: give either text or texts, not both",
+    ),
 }
 
 
@@ -487,10 +510,13 @@ BAD_CONFIGS = {
 def test_bad_config_fails_before_any_job(case: str, tmp_path: Path, dense_model: Path) -> None:
     change, message = BAD_CONFIGS[case]
     wd = make_workdir(tmp_path / "w", dense_model, _bad(load_config(), change))
+    shutil.copyfile(wd / "data/alpha.txt", wd / "x.txt")  # a calibration text by another name
     proc = snakemake(wd, "-c1", check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert message in out, out
+    if message.startswith("invalid config: "):
+        assert message in out.splitlines(), out
     assert not (wd / "results").exists() and not (wd / "logs").exists()
 
 
@@ -586,3 +612,59 @@ def test_moe_health_gate_refuses_and_writes_nothing(tmp_path: Path, moe_model: P
         rows = cov[cov["dataset"] == dataset] if dataset else cov[cov["dataset"].isna()]
         got = rows[rows["name"] == "blk.1.ffn_up_exps.weight"]["tokens"].tolist()
         assert got == [int(c) for c in up], (dataset, got)
+
+
+def test_eval_sets_give_an_eval_set_column(run_a: Path, tmp_path: Path) -> None:
+    """evaluate.texts: every quant on every set, sets in config order, named in the
+    eval_set column; a set on the single run's text gives that run's rows; only the
+    evaluation reruns."""
+    import pandas as pd
+
+    wd = tmp_path / "w"
+    shutil.copytree(run_a, wd, symlinks=True)  # keeps mtimes and Snakemake's records
+    (wd / "data/eval2.txt").write_text(sample_text(1200, seed=6), encoding="utf-8")
+    cfg = load_config()
+    cfg["evaluate"]["text"] = None
+    cfg["evaluate"]["texts"] = {"prose": "data/eval.txt", "other": "data/eval2.txt"}
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    counts, out = dry_run(wd)
+    assert counts == {"evaluate": 1, "report_evaluation": 1, "all": 1}, out
+    run(wd)
+    df = pd.read_parquet(wd / f"results/{M}/eval/summary.parquet")
+    single = pd.read_parquet(run_a / f"results/{M}/eval/summary.parquet")
+    assert df["eval_set"].tolist() == ["prose"] * 4 + ["other"] * 4
+    assert df["text"].tolist() == ["data/eval.txt"] * 4 + ["data/eval2.txt"] * 4
+    assert (df.groupby("eval_set")["is_base"].sum() == 1).all()
+    prose = df[df["eval_set"] == "prose"].drop(columns="eval_set").reset_index(drop=True)
+    pd.testing.assert_frame_equal(prose, single.drop(columns="eval_set"))
+    other = df[df["eval_set"] == "other"]
+    assert not np.allclose(other["ppl"], prose["ppl"])
+
+
+def test_sampled_and_document_datasets(tmp_path: Path, dense_model: Path) -> None:
+    """sample and boundary: document through the workflow: the tokens hold the chosen
+    chunks (JSONL records read by the tokenizer, no text extraction), the shards take
+    them, and the merged imatrix records the choice per dataset."""
+    cfg = load_config()
+    cfg["datasets"]["alpha"]["sample"] = {"chunks": 9, "seed": 11}
+    cfg["datasets"]["beta"]["boundary"] = "document"
+    wd = make_workdir(tmp_path / "w", dense_model, cfg)
+    counts, _ = dry_run(wd)
+    assert "dataset_text" not in counts and counts["tokenize"] == 2
+    run(wd, f"results/{M}/imatrix.gguf")
+    alpha = json.loads((wd / f"results/{M}/tokens/alpha.json").read_text())
+    beta = json.loads((wd / f"results/{M}/tokens/beta.json").read_text())
+    assert alpha["n_tokens"] == 9 * 128 and alpha["selection"]["sample"] == {
+        "chunks": 9,
+        "seed": 11,
+    }
+    assert beta["text"] == "data/beta.jsonl" and beta["selection"]["boundary"] == "document"
+    tokens = np.load(wd / f"results/{M}/tokens/beta.npy").reshape(-1, 128)
+    assert (tokens[:, 0] == 1).all() and (tokens[:, 1:] != 1).all()  # BOS only at chunk starts
+    merged = read_imatrix(wd / f"results/{M}/imatrix.gguf")
+    chosen = [json.loads(s) for s in merged.provenance.dataset_selection]
+    assert [c["boundary"] for c in chosen] == ["stream", "document"]
+    assert chosen[0]["tokens_sha256"] == alpha["tokens_sha256"]
+    assert chosen[1]["tokens_sha256"] == beta["tokens_sha256"]
+    # beta (weight 2): its first 12 chunks at most (datasets.beta.chunks)
+    assert merged.chunk_count == 9 + 2 * min(12, tokens.shape[0])

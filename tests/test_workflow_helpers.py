@@ -20,7 +20,13 @@ from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix, write_imatrix
 from imatrix.model import Entry, ImatrixData, Provenance, combine
 from imatrix.workflow import resources
-from imatrix.workflow.config import canonical_quant_types, check_config, types_without_imatrix
+from imatrix.workflow.config import (
+    canonical_quant_types,
+    check_config,
+    eval_sets,
+    schema_error,
+    types_without_imatrix,
+)
 from imatrix.workflow.datasets import load_dataset_text, write_dataset_text
 from imatrix.workflow.gpu import claim_gpu, gpu_slot_count
 from imatrix.workflow.merge import merge_shards
@@ -176,6 +182,51 @@ def test_check_config(tmp_path: Path) -> None:
     cfg["evaluate"]["text"] = "nope.txt"
     with pytest.raises(ImatrixError, match=r"evaluate\.text: nope\.txt: no such file"):
         check_config(cfg)
+
+
+def test_eval_sets_and_the_held_out_check(tmp_path: Path) -> None:
+    assert eval_sets({"text": "e.txt"}) == {"default": "e.txt"}
+    assert eval_sets({"text": None, "texts": {"b": "y", "a": "x"}}) == {"b": "y", "a": "x"}
+    assert eval_sets({"text": None, "texts": None}) == {}
+    cfg = _config(tmp_path)
+    (tmp_path / "held.txt").write_text("y")
+    (tmp_path / "copy.txt").write_text("x")  # dataset a's text under another name
+    cfg["evaluate"]["texts"] = {"ok": str(tmp_path / "held.txt")}
+    check_config(cfg)
+    for name, path, message in (
+        ("web", "nope.txt", r"evaluate\.texts\.web: nope\.txt: no such file"),
+        (
+            "web",
+            str(tmp_path / "copy.txt"),
+            r"evaluate\.texts\.web: .*copy\.txt is the text of "
+            r"calibration dataset 'a'; evaluate on held-out text",
+        ),
+        ("same", str(tmp_path / "a.txt"), r"evaluate\.texts\.same: .*a\.txt is the text of"),
+    ):
+        cfg["evaluate"]["texts"] = {"ok": str(tmp_path / "held.txt"), name: path}
+        with pytest.raises(ImatrixError, match=f"^{message}"):
+            check_config(cfg)
+    cfg["evaluate"] = {"text": str(tmp_path / "a.txt"), "texts": None}
+    with pytest.raises(ImatrixError, match=r"^evaluate\.text: .*a\.txt is the text of"):
+        check_config(cfg)
+    cfg["evaluate"]["texts"] = {"ok": str(tmp_path / "held.txt")}
+    with pytest.raises(ImatrixError, match=r"^evaluate: give either text or texts, not both$"):
+        check_config(cfg)
+
+
+def test_schema_errors_are_one_line(tmp_path: Path) -> None:
+    """What Snakemake's validate raises becomes the key's path and the problem."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "properties": {"d": {"properties": {"seed": {"type": "integer"}}}},
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(schema))
+    with pytest.raises(WorkflowError) as exc:
+        validate({"d": {"seed": "x"}}, str(tmp_path / "s.yaml"))
+    assert schema_error(exc.value) == "d.seed: 'x' is not of type 'integer'"
 
 
 # --- GPU slots ----------------------------------------------------------------------

@@ -90,6 +90,10 @@ SUFFIX_COUNTS = ".counts"
 #: ours: plain sums of activations, needed by the L2-norm / cosine statistics.
 SUFFIX_IN_SUM = ".in_sum"
 
+# --- evaluation ----------------------------------------------------------------
+#: ``eval_set`` of an evaluation on a single text (``evaluate.text``, ``imatrix evaluate``)
+DEFAULT_EVAL_SET = "default"
+
 # --- our provenance keys (llama.cpp ignores them) -----------------------------
 PROVENANCE_PREFIX = "imatrix_pipeline."
 KEY_VERSION = PROVENANCE_PREFIX + "version"
@@ -99,6 +103,9 @@ KEY_TOKENIZER = PROVENANCE_PREFIX + "tokenizer"
 KEY_CHUNK_REACHED = PROVENANCE_PREFIX + "chunk_reached"
 #: a collection's convergence record and stop (JSON; imatrix.convergence)
 KEY_CONVERGENCE = PROVENANCE_PREFIX + "convergence"
+#: per dataset, JSON of how its chunks were chosen (imatrix.sampling); "" for the
+#: plain stream. Written only when some dataset was sampled or cut at documents.
+KEY_DATASET_SELECTION = PROVENANCE_PREFIX + "dataset_selection"
 
 # --- keys llama-quantize adds to a quantized model (tools/quantize/quantize.cpp;
 # gguf-py does not have them) ----------------------------------------------------

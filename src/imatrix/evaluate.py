@@ -58,6 +58,7 @@ import pandas as pd
 
 from imatrix.atomic import atomic_output
 from imatrix.constants import (
+    DEFAULT_EVAL_SET,
     KEY_GENERAL_FILE_TYPE,
     KEY_QUANTIZE_IMATRIX_FILE,
     KEYS_QUANTIZE_IMATRIX,
@@ -109,6 +110,7 @@ SUMMARY_COLUMN_DOCS: dict[str, str] = {
     "base": "the base model file",
     "imatrix_file": "quantize.imatrix.file of the model (null when absent)",
     "text": "the evaluation text",
+    "eval_set": "name of the evaluation set the text stands for (workflow evaluate.texts)",
 }
 SUMMARY_COLUMNS = list(SUMMARY_COLUMN_DOCS)
 #: columns added later, with their value in older summaries (which can still be merged)
@@ -728,6 +730,7 @@ def evaluate(
     parse_special: bool = False,
     kld_method: str = "exact",
     recipes: Mapping[str, str] | None = None,
+    eval_set: str = DEFAULT_EVAL_SET,
 ) -> pd.DataFrame:
     """Evaluate ``quants`` against ``base`` on the text file ``text``.
 
@@ -738,7 +741,8 @@ def evaluate(
     side by side; ``rows`` is the block size (logits rows decoded and compared at
     once), default from :func:`default_rows`; ``kld_method`` "exact" or "llama" (see
     the module docstring); ``recipes`` maps a quant (as given in ``quants``) to the name
-    of the plan that made it, for the ``recipe`` column. Raises :class:`ImatrixError` for a text that is too
+    of the plan that made it, for the ``recipe`` column; ``eval_set`` names the text's
+    set in the table. Raises :class:`ImatrixError` for a text that is too
     short, a model that does not load, or models with different vocabularies.
     """
     from imatrix.llama_api import default_threads, load_model
@@ -769,7 +773,13 @@ def evaluate(
         work = _Work.create(stack, plan, bm.n_vocab, kld_method, len(quants))
         bnll = _run_chunks(decoders, work, plan, tokens, bm.bos if bm.add_bos else None)
         facts = [model_facts(m) for m in models]
-    common = {"n_chunks": plan.n_chunks, "n_ctx": n_ctx, "base": str(base), "text": str(text)}
+    common = {
+        "n_chunks": plan.n_chunks,
+        "n_ctx": n_ctx,
+        "base": str(base),
+        "text": str(text),
+        "eval_set": eval_set,
+    }
     names = [(recipes or {}).get(os.fspath(q)) for q in quants]
     return summary_table(facts, bnll, work.accs, common, names)
 
@@ -805,10 +815,15 @@ def merge_summaries(
     for col, value in _ADDED_COLUMNS.items():  # summaries written before the column existed
         if col not in df.columns:
             df[col] = value
+    if "eval_set" not in df.columns:  # likewise: they were on one text
+        df["eval_set"] = DEFAULT_EVAL_SET
+    df["eval_set"] = df["eval_set"].fillna(DEFAULT_EVAL_SET)
     missing = [c for c in SUMMARY_COLUMNS if c not in df.columns]
     if missing:
         raise ImatrixError(f"summary lacks columns {missing}")
-    df = df.drop_duplicates(subset=["path", "base", "text", "n_ctx", "n_chunks"], keep="first")
+    df = df.drop_duplicates(
+        subset=["path", "base", "text", "eval_set", "n_ctx", "n_chunks"], keep="first"
+    )
     df = df.sort_values(["is_base", "bpw"], ascending=[False, True], kind="stable")
     df = df.reset_index(drop=True)[SUMMARY_COLUMNS]
     if output is not None:

@@ -30,6 +30,7 @@ from imatrix.constants import (
     KEY_CHUNK_REACHED,
     KEY_CHUNK_SIZE,
     KEY_CONVERGENCE,
+    KEY_DATASET_SELECTION,
     KEY_DATASET_SHA256,
     KEY_DATASETS,
     KEY_GENERAL_ARCHITECTURE,
@@ -176,6 +177,7 @@ def _from_gguf(g: GGUFFile, *, strict: bool) -> ImatrixData:
         version=_kv_str(g, KEY_VERSION),
         chunk_reached=reached,
         convergence=_kv_str(g, KEY_CONVERGENCE),
+        dataset_selection=_kv_strings(g, KEY_DATASET_SELECTION),
     )
     data = ImatrixData(
         entries=entries,
@@ -364,6 +366,8 @@ def to_gguf_bytes(
             w.add_uint32(KEY_CHUNK_REACHED, prov.chunk_reached)
         if prov.convergence:
             w.add_string(KEY_CONVERGENCE, prov.convergence)
+        if any(prov.dataset_selection):
+            w.add_string_array(KEY_DATASET_SELECTION, prov.dataset_selection)
         for key, value in (extra or {}).items():
             w.add_string(key, value)
     _warn_partial(data)
@@ -478,5 +482,6 @@ def describe(data: ImatrixData, path: str) -> dict[str, Any]:
             "tokenizer": json.loads(tok) if tok else None,
             "version": data.provenance.version,
             "chunk_reached": data.provenance.chunk_reached,
+            "dataset_selection": [json.loads(s) if s else None for s in data.selections()],
         },
     }

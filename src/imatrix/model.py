@@ -89,6 +89,8 @@ class Provenance:
     chunk_reached: int | None = None  # checkpoints only: absolute chunk index reached
     #: a collection's convergence record, JSON (:class:`imatrix.convergence.ConvergenceLog`)
     convergence: str | None = None
+    #: per dataset: JSON of how its chunks were chosen ("" for llama-imatrix's stream)
+    dataset_selection: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +106,12 @@ class ImatrixData:
     is_legacy: bool = False
     #: False for a GGUF lacking the datasets/chunk keys (llama-quantize refuses those).
     has_metadata: bool = True
+
+    def selections(self) -> list[str]:
+        """``provenance.dataset_selection`` with one entry per dataset (files that do
+        not record it used the plain stream)."""
+        sel = self.provenance.dataset_selection
+        return list(sel) if len(sel) == len(self.datasets) else [""] * len(self.datasets)
 
     @property
     def has_sums(self) -> bool:
@@ -193,6 +201,7 @@ class _Fold:
         self.sizes: list[int] = []
         self.datasets: list[str] = []
         self.dataset_sha256: list[str] = []
+        self.selection: list[str] = []
         self.tokenizer: str | None = None
 
     def add(self, data: ImatrixData, wi: float, src: str) -> None:
@@ -219,6 +228,7 @@ class _Fold:
             self.sizes.append(data.chunk_size)
         self.datasets.extend(data.datasets)
         self.dataset_sha256.extend(data.provenance.dataset_sha256)
+        self.selection.extend(data.selections())
         if self.tokenizer is None and data.provenance.tokenizer:
             self.tokenizer = data.provenance.tokenizer
 
@@ -280,6 +290,7 @@ class _Fold:
                 model_sha256=self.shas[0] if len(self.shas) == 1 else None,
                 dataset_sha256=self.dataset_sha256,
                 tokenizer=self.tokenizer,
+                dataset_selection=self.selection if any(self.selection) else [],
             ),
         )
         out.chunk_count = out.derived_chunk_count()

@@ -35,6 +35,7 @@ from imatrix.atomic import atomic_write
 from imatrix.errors import ImatrixError
 from imatrix.hashing import sha256_file
 from imatrix.llama_api import Model, load_model, tokenize
+from imatrix.sampling import Selection, selected_tokens
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ def tokenize_file(
     *,
     parse_special: bool = False,
     model_sha256: str | None = None,
+    selection: Selection | None = None,
+    fmt: str = "auto",
+    text_column: str = "text",
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``text`` with ``model``'s vocabulary into ``output`` (int32 ``.npy``).
 
@@ -111,13 +116,34 @@ def tokenize_file(
     sha256, add_bos, parse_special, n_vocab and the tokenizer settings. Both files are
     written atomically, the record first (see the module docstring). Returns the JSON
     record.
+
+    ``selection`` (other than the plain stream) keeps only the chunks it chooses
+    (:mod:`imatrix.sampling`; ``text`` may then be a JSONL/Parquet dataset of format
+    ``fmt`` when it asks for document boundaries) and records the choice under
+    ``selection``; errors name ``dataset`` (default: the text file).
     """
     out = Path(output)
-    data = read_text(text)
+    sel = None if selection is None or selection.is_plain else selection
+    data = read_text(text) if sel is None else b""  # read first: a missing file's error
+    if sel is not None and not Path(text).is_file():
+        raise ImatrixError(f"{text}: no such dataset file")
     text_sha = sha256_file(text)
     msha = model_sha256 or sha256_file(model)
+    chosen: dict[str, Any] | None = None
     with load_model(model, vocab_only=True) as m:
-        tokens = tokenize_text(m, data, parse_special=parse_special)
+        if sel is None:
+            tokens = tokenize_text(m, data, parse_special=parse_special)
+        else:
+            where = f"dataset '{dataset}'" if dataset else str(text)
+            tokens, chosen = selected_tokens(
+                m,
+                text,
+                sel,
+                parse_special=parse_special,
+                fmt=fmt,
+                text_column=text_column,
+                where=where,
+            )
         settings = tokenizer_settings(m, parse_special=parse_special)
     log.info("%s: %d tokens", text, tokens.size)
     tokens = tokens.astype(np.int32)
@@ -134,11 +160,18 @@ def tokenize_file(
         "tokenizer": settings,
         "version": __version__,
     }
+    if chosen is not None:  # the chunks are pinned by the tokens' sha256
+        record["selection"] = {**chosen, "tokens_sha256": record["tokens_sha256"]}
+    _write_tokens(out, tokens, record)
+    return record
+
+
+def _write_tokens(out: Path, tokens: np.ndarray, record: dict[str, Any]) -> None:
+    """The record, then the tokens, each atomically (see the module docstring)."""
     buf = io.BytesIO()
     np.save(buf, tokens, allow_pickle=False)
     atomic_write(out.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
     atomic_write(out, buf.getvalue())
-    return record
 
 
 def load_tokens(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None]:

@@ -20,7 +20,8 @@ from imatrix.workflow.config import (  # noqa: E402
     canonical_quant_types,
     check_config,
     check_until_converged,
-    schema_error_line,
+    eval_sets,
+    schema_error,
     types_without_imatrix,
 )
 from imatrix.workflow.datasets import dataset_format  # noqa: E402
@@ -30,7 +31,7 @@ from imatrix.workflow.shards import dataset_chunks, shard_count  # noqa: E402
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError as exc:
-    raise WorkflowError(f"invalid config: {schema_error_line(exc)}") from None
+    raise WorkflowError(f"invalid config: {schema_error(exc)}") from None
 
 try:
     check_config(config)
@@ -46,6 +47,7 @@ EVALUATE = config["evaluate"]
 PLANS = config["quantize"]["plans"]
 PLANNER = config["quantize"]["planner"]
 PLAN_NAMES = [p["name"] for p in PLANS]
+EVAL_SETS = eval_sets(EVALUATE)
 
 
 def alternatives(names):
@@ -82,7 +84,7 @@ def get_dataset_path(wildcards):
     return config["datasets"][wildcards.d]["path"]
 
 
-def dataset_text(m, d):
+def plain_text(m, d):
     """Plain text of dataset d for model m: text files as they are, JSONL/Parquet
     extracted first, chat and generated datasets per model."""
     ds = config["datasets"][d]
@@ -94,8 +96,32 @@ def dataset_text(m, d):
 
 
 def get_dataset_text(wildcards):
-    """Plain text of the dataset of a job."""
-    return dataset_text(wildcards.m, wildcards.d)
+    """What the tokenizer reads for a dataset: its plain text, or with document
+    boundaries a JSONL/Parquet file's records themselves."""
+    ds = config["datasets"][wildcards.d]
+    if ds["boundary"] == "document" and not model_datasets.is_model_bound(ds):
+        return ds["path"]
+    return plain_text(wildcards.m, wildcards.d)
+
+
+def get_selection(wildcards):
+    """How the tokenizer chooses a dataset's chunks (imatrix.sampling.Selection, and
+    where a document-boundary dataset's records are). False for llama-imatrix's whole
+    stream: it does not depend on n_ctx, and Snakemake keeps params as a set of values,
+    so False leaves the params of runs made before this option unchanged (no rerun)."""
+    ds = config["datasets"][wildcards.d]
+    if ds["boundary"] == "stream" and ds["sample"] is None:
+        return False
+    sample = ds["sample"] or {}
+    return {
+        "n_ctx": COLLECT["n_ctx"],
+        "boundary": ds["boundary"],
+        "chunks": sample.get("chunks"),
+        "seed": sample.get("seed", 0),
+        # a chat or generated dataset reaches the tokenizer as the model's plain text
+        "format": "text" if model_datasets.is_model_bound(ds) else ds["format"],
+        "text_column": ds["text_column"],
+    }
 
 
 def get_dataset_settings(wildcards):
@@ -215,12 +241,12 @@ def get_quant_recipes(wildcards):
 
 def get_calibration_texts(wildcards):
     """The text of every dataset: what the plans calibrate their KLD predictions on."""
-    return [dataset_text(wildcards.m, d) for d in DATASETS]
+    return [plain_text(wildcards.m, d) for d in DATASETS]
 
 
 def get_plan_eval_texts(wildcards):
-    """The held-out text, which a plan refuses to calibrate on."""
-    return [EVALUATE["text"]] if EVALUATE["text"] is not None else []
+    """The held-out texts, which a plan refuses to calibrate on."""
+    return list(EVAL_SETS.values())
 
 
 def get_plan(wildcards):
@@ -228,9 +254,10 @@ def get_plan(wildcards):
     return next(p for p in PLANS if p["name"] == wildcards.p)
 
 
-def get_eval_text(wildcards):
-    """The held-out text of the evaluation (the rule is only targeted when one is set)."""
-    return EVALUATE["text"]
+def get_eval_texts(wildcards):
+    """The held-out texts of the evaluation, set by set (the rule is only targeted when
+    there is one); their names are EVAL_SETS' keys in the same order."""
+    return list(EVAL_SETS.values())
 
 
 def imatrix_files(m):
@@ -263,7 +290,7 @@ def get_all_targets(wildcards):
             f"results/{m}/report/statistics.html",
         ]
         out += quant_files(m)
-        if EVALUATE["text"] is not None and QUANT_TYPES:
+        if EVAL_SETS and QUANT_TYPES:
             out += [
                 f"results/{m}/eval/summary.parquet",
                 f"results/{m}/eval/kld_vs_size.png",

@@ -10,7 +10,7 @@ rule evaluate:
     input:
         base=get_base_model,
         quants=get_quant_files,
-        text=get_eval_text,
+        texts=get_eval_texts,
     output:
         summary="results/{m}/eval/summary.parquet",
     log:
@@ -26,6 +26,7 @@ rule evaluate:
         runtime=get_runtime("evaluate"),
     params:
         recipes=get_quant_recipes,
+        sets=list(EVAL_SETS),
         n_ctx=EVALUATE["n_ctx"],
         chunks=EVALUATE["chunks"],
         ngl=execution_setting(EVALUATE["ngl"]),

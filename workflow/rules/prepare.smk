@@ -104,5 +104,6 @@ checkpoint tokenize:
         conda_env()
     params:
         parse_special=get_parse_special,
+        selection=get_selection,
     script:
         "../scripts/tokenize_text.py"

@@ -14,7 +14,7 @@ job_logging(snakemake.log[0])
 evaluate_quants(
     snakemake.input.base,
     list(snakemake.input.quants),
-    snakemake.input.text,
+    dict(zip(snakemake.params.sets, snakemake.input.texts, strict=True)),
     snakemake.output.summary,
     n_ctx=snakemake.params.n_ctx,
     chunks=snakemake.params.chunks,

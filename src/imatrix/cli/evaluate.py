@@ -7,6 +7,7 @@ import logging
 
 from imatrix.atomic import check_writable
 from imatrix.cli import add_verbosity
+from imatrix.constants import DEFAULT_EVAL_SET
 from imatrix.errors import ImatrixError
 from imatrix.jsonout import dumps
 
@@ -62,6 +63,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "quantized and cut at -16 as llama-perplexity stores them",
     )
     p.add_argument("--parse-special", action="store_true", help="parse special tokens in the text")
+    p.add_argument(
+        "--eval-set",
+        default=DEFAULT_EVAL_SET,
+        metavar="NAME",
+        help=f"name of the text's evaluation set in the table (default: {DEFAULT_EVAL_SET})",
+    )
     p.add_argument("--json", action="store_true", help="print the table as JSON records")
     add_verbosity(p)
     p.set_defaults(run=run)
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         n_gpu_layers=args.n_gpu_layers,
         parse_special=args.parse_special,
         kld_method=args.kld_method,
+        eval_set=args.eval_set,
     )
     if args.output:
         write_summary(df, args.output)

@@ -41,5 +41,14 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"model:       sha256 {prov['model_sha256']}")
     for sha in prov["dataset_sha256"]:
         lines.append(f"dataset:     sha256 {sha}")
+    for name, sel in zip(info["datasets"], prov["dataset_selection"], strict=True):
+        if sel:  # imatrix.sampling's record
+            n, sample = sel["chunks_available"], sel["sample"]
+            how = (
+                f"{sample['chunks']} of {n} chunks, seed {sample['seed']}"
+                if sample
+                else f"{n} chunks"
+            )
+            lines.append(f"selection:   {name}: {how}, boundary {sel['boundary']}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

@@ -37,6 +37,12 @@ class Job:
     def base_datasets(self) -> list[str]:
         return list(self.base.datasets) if self.base is not None else []
 
+    def _selections(self) -> list[str]:
+        """Per dataset of the output: the base's selections, then this job's."""
+        own = self.provenance.dataset_selection or [""]
+        out = (self.base.selections() if self.base else []) + (own if self.dataset else [])
+        return out if any(out) else []
+
     def data(
         self, entries: dict[str, Entry], reached: int | None, convergence: str | None = None
     ) -> ImatrixData:
@@ -55,6 +61,7 @@ class Job:
                 version=prov.version,
                 chunk_reached=reached,
                 convergence=convergence,
+                dataset_selection=self._selections(),
             ),
         )
         data.chunk_count = data.derived_chunk_count()

@@ -147,7 +147,15 @@ def provenance_for(given: Provenance | None, meta: dict[str, Any] | None) -> Pro
         tokenizer=json.dumps(tokenizer, sort_keys=True, separators=(",", ":"))
         if tokenizer
         else None,
+        dataset_selection=[selection_json(meta["selection"])] if meta.get("selection") else [],
     )
+
+
+def selection_json(record: dict[str, Any]) -> str:
+    """Canonical JSON of a tokens record's ``selection`` for the provenance, without the
+    chunk list (the tokens' sha256 it holds pins the chunks)."""
+    keep = {k: v for k, v in record.items() if k != "chunk_starts"}
+    return json.dumps(keep, sort_keys=True, separators=(",", ":"))
 
 
 __all__ = [

@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from imatrix.constants import DEFAULT_EVAL_SET
 from imatrix.convergence import StopRule, parse_stop_rule
 from imatrix.errors import ImatrixError
+from imatrix.hashing import sha256_file
 from imatrix.qtypes import QUANT_TYPES, parse_ggml_type, parse_quant_type, requires_imatrix
 from imatrix.workflow.model_datasets import check_model_datasets
 from imatrix.workflow.plans import check_plans
@@ -50,21 +52,6 @@ def _need_file(key: str, path: str) -> None:
         raise ImatrixError(f"{key}: {path}: not a regular file")
 
 
-def schema_error_line(exc: BaseException) -> str:
-    """One line naming the config key and what is wrong with it, for a schema violation.
-
-    Snakemake's ``validate`` prints jsonschema's whole report (the schema fragment, the
-    instance) over a dozen lines; users need the key and the reason, as for every other
-    bad input. The jsonschema error is the context of Snakemake's ``WorkflowError``.
-    """
-    cause = exc.__context__ if exc.__context__ is not None else exc
-    message = getattr(cause, "message", None)
-    if message is None:
-        return str(exc).splitlines()[0]
-    path = ".".join(str(p) for p in getattr(cause, "absolute_path", ())) or "(top level)"
-    return f"{path}: {message}"
-
-
 def check_until_converged(value: object) -> StopRule | None:
     """``collect.until_converged``: null (off), EPS, or "EPS[:PATIENCE]" as on the CLI."""
     if value is None:
@@ -95,6 +82,54 @@ def check_config(config: Mapping[str, Any]) -> None:
     check_plans(config["quantize"].get("plans") or [])
     for t in (config["quantize"].get("planner") or {}).get("types") or []:
         parse_ggml_type(t, "quantize.planner.types")
-    text = config["evaluate"].get("text")
-    if text is not None:
-        _need_file("evaluate.text", text)
+    _check_eval_sets(config)
+
+
+def eval_sets(evaluate: Mapping[str, Any]) -> dict[str, str]:
+    """The evaluation texts by set name: ``evaluate.texts``, or ``evaluate.text`` as the
+    one set :data:`DEFAULT_EVAL_SET`; empty when the evaluation is off."""
+    if evaluate.get("texts"):
+        return dict(evaluate["texts"])
+    text = evaluate.get("text")
+    return {} if text is None else {DEFAULT_EVAL_SET: text}
+
+
+def _eval_key(evaluate: Mapping[str, Any], name: str) -> str:
+    return f"evaluate.texts.{name}" if evaluate.get("texts") else "evaluate.text"
+
+
+def _check_eval_sets(config: Mapping[str, Any]) -> None:
+    """Evaluation files exist and none is a calibration file: an evaluation on text the
+    imatrix was made from would flatter the quants. Same content is compared by size,
+    then sha256, so large datasets are hashed only when a size matches."""
+    ev = config["evaluate"]
+    if ev.get("text") is not None and ev.get("texts"):
+        raise ImatrixError("evaluate: give either text or texts, not both")
+    sets = eval_sets(ev)
+    for name, path in sets.items():
+        _need_file(_eval_key(ev, name), path)
+    calib = {d: Path(ds["path"]) for d, ds in config["datasets"].items() if ds.get("path")}
+    for name, path in sets.items():
+        p = Path(path)
+        for d, c in calib.items():
+            same = c.resolve() == p.resolve() or (
+                c.stat().st_size == p.stat().st_size and sha256_file(c) == sha256_file(p)
+            )
+            if same:
+                raise ImatrixError(
+                    f"{_eval_key(ev, name)}: {path} is the text of calibration dataset "
+                    f"'{d}'; evaluate on held-out text"
+                )
+
+
+def schema_error(exc: BaseException) -> str:
+    """One line for a config the schema refuses: the key's path and what is wrong
+    (Snakemake's own message spans the whole schema of the key)."""
+    err: BaseException | None = exc
+    while err is not None:  # Snakemake raises its own error while handling jsonschema's
+        path, message = getattr(err, "absolute_path", None), getattr(err, "message", None)
+        if path is not None and isinstance(message, str):
+            where = ".".join(str(k) for k in path)
+            return f"{where}: {message}" if where else message
+        err = err.__cause__ or err.__context__
+    return str(exc).splitlines()[0]

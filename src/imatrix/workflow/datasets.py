@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from imatrix.atomic import atomic_write
@@ -13,6 +14,10 @@ log = logging.getLogger(__name__)
 
 #: How records of a JSONL or Parquet dataset are joined into one text.
 RECORD_SEPARATOR = "\n\n"
+
+#: What separates the documents of a text file (``boundary: document``): a blank line,
+#: which may hold whitespace.
+PARAGRAPH_BREAK = re.compile(r"\n[^\S\n]*\n\s*")
 
 #: Dataset format by file extension (``format: auto``); anything else is text.
 FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -53,6 +58,21 @@ def load_dataset_text(path: str | Path, fmt: str = "auto", text_column: str = "t
     if not records:
         raise ImatrixError(f"{p}: no records")
     return RECORD_SEPARATOR.join(records)
+
+
+def load_documents(path: str | Path, fmt: str = "auto", text_column: str = "text") -> list[str]:
+    """The documents of a dataset file, in file order: its records (JSONL, Parquet), or
+    the paragraphs of a text file (split at blank lines); documents holding only
+    whitespace are dropped, as they have no start to begin a chunk at."""
+    p = Path(path)
+    kind = dataset_format(str(p), fmt)
+    if kind == "text":
+        docs = [d.strip("\n") for d in PARAGRAPH_BREAK.split(_read_utf8(p, "UTF-8 text"))]
+    else:
+        docs = (
+            _jsonl_records(p, text_column) if kind == "jsonl" else _parquet_records(p, text_column)
+        )
+    return [d for d in docs if d.strip()]
 
 
 def _jsonl_records(path: Path, column: str) -> list[str]:

@@ -12,6 +12,7 @@ from imatrix.constants import (
     DEFAULT_CHUNK_SIZE,
     GENERAL_TYPE_IMATRIX,
     KEY_CHUNK_SIZE,
+    KEY_DATASET_SELECTION,
     KEY_DATASET_SHA256,
     KEY_DATASETS,
     KEY_GENERAL_TYPE,
@@ -51,6 +52,7 @@ def _plain_header(g: GGUFFile) -> bool:
     types: dict[str, list[_KeyType]] = {
         KEY_DATASETS: [strings],
         KEY_DATASET_SHA256: [strings],
+        KEY_DATASET_SELECTION: [strings],
         KEY_MODEL_SHA256: [string],
         KEY_TOKENIZER: [string],
         KEY_VERSION: [string],
@@ -82,6 +84,7 @@ def read_header(path: str) -> ImatrixData:
                     dataset_sha256=list(g.get(KEY_DATASET_SHA256, [])),
                     tokenizer=g.get(KEY_TOKENIZER),
                     version=g.get(KEY_VERSION),
+                    dataset_selection=list(g.get(KEY_DATASET_SELECTION, [])),
                 ),
             )
     full = read_imatrix(path)
@@ -104,14 +107,12 @@ def _provenance_errors(
     _disagree("tokenizer settings", {p: it.provenance.tokenizer for p, it in pairs})
     _disagree("the chunk size", {p: it.chunk_size for p, it in pairs})
     for d in dict.fromkeys(datasets):
+        mine = [(p, it) for p, it, dd in zip(paths, items, datasets, strict=True) if dd == d]
         _disagree(
             f"the text of dataset '{d}' (sha256)",
-            {
-                p: it.provenance.dataset_sha256
-                for p, it, dd in zip(paths, items, datasets, strict=True)
-                if dd == d
-            },
+            {p: it.provenance.dataset_sha256 for p, it in mine},
         )
+        _disagree(f"the chunks chosen from dataset '{d}'", {p: it.selections() for p, it in mine})
 
 
 def merge_shards(
@@ -150,6 +151,8 @@ def merge_shards(
         items[datasets.index(d)].provenance.dataset_sha256[0] for d in order
     ]
     out.provenance.version = items[0].provenance.version
+    chosen = [items[datasets.index(d)].selections()[0] for d in order]
+    out.provenance.dataset_selection = chosen if any(chosen) else []
     _health_gate(out, output, health or {})
     write_imatrix(out, output)
     log.info("merged %d shards of %d dataset(s) into %s", len(shards), len(order), output)

@@ -92,7 +92,7 @@ def _log_chunks_used(conv: ConvergenceLog | None, what: str, planned: int) -> No
 def evaluate_quants(
     base: str,
     quants: Sequence[str],
-    text: str,
+    texts: Mapping[str, str],
     output: str,
     *,
     n_ctx: int,
@@ -101,23 +101,35 @@ def evaluate_quants(
     ngl: int,
     recipes: Mapping[str, str] | None = None,
 ) -> Path:
-    """Evaluate a model's quantizations against its base into one summary table
-    (the base's logits are computed once for all of them), on a GPU of its own when
-    layers are offloaded. ``recipes``: quant -> the plan that made it."""
+    """Evaluate a model's quantizations against its base on every evaluation set
+    (name -> text) into one summary table, sets in the order given, its ``eval_set``
+    column naming them (the base's logits are computed once per text for all quants),
+    on a GPU of its own when layers are offloaded. ``recipes``: quant -> the plan that
+    made it."""
     with claim_gpu(None if ngl > 0 else 0):
+        import pandas as pd
+
         from imatrix.evaluate import evaluate, write_summary
 
-        df = evaluate(
-            base,
-            list(quants),
-            text,
-            n_ctx=n_ctx,
-            chunks=chunks,
-            threads=threads,
-            n_gpu_layers=ngl,
-            recipes=recipes,
-        )
-        return write_summary(df, output)
+        frames = []
+        for name, text in texts.items():
+            log.info("evaluation set %s: %s", name, text)
+            frames.append(
+                evaluate(
+                    base,
+                    list(quants),
+                    text,
+                    n_ctx=n_ctx,
+                    chunks=chunks,
+                    threads=threads,
+                    n_gpu_layers=ngl,
+                    recipes=recipes,
+                    eval_set=name,
+                )
+            )
+        if not frames:
+            raise ImatrixError("no evaluation text given (evaluate.text or evaluate.texts)")
+        return write_summary(pd.concat(frames, ignore_index=True), output)
 
 
 def quantize_step(
