@@ -103,7 +103,7 @@ def write_statistics_report(
     layers: str,
     coverage: str,
     min_expert_tokens: int,
-    convergence: str,
+    convergence: str | None = None,
 ) -> Path:
     """The statistics page: layers and tensors, every shard's convergence record, and
     for a MoE model a small view of the expert coverage (per dataset and layer,
@@ -113,7 +113,8 @@ def write_statistics_report(
     from imatrix.coverage import layer_view
 
     tables: dict[str, Any] = {"Layers": layers, "Tensors": tensors}
-    tables["Convergence (every shard's record and the merged view)"] = convergence
+    if convergence is not None:
+        tables["Convergence (every shard's record and the merged view)"] = convergence
     view = layer_view(pd.read_parquet(coverage), min_expert_tokens)
     if not view.empty:
         tables["Expert coverage (tokens per expert, least covered tensor of each layer)"] = view
