@@ -11,6 +11,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-if SRC.is_dir() and str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+# First, even when already listed: Snakemake's preamble appends the workflow's paths after
+# those of the interpreter, where an editable install of another checkout may come first.
+if Path(SRC).is_dir():
+    while SRC in sys.path:
+        sys.path.remove(SRC)
+    sys.path.insert(0, SRC)
