@@ -101,6 +101,7 @@ def test_user_config_replaces_the_demo(checkout: Path) -> None:
         "merge": 1,
         "stats": 1,
         "coverage": 1,
+        "convergence": 1,
         "report_statistics": 1,
         "quantize": 1,
         "all": 1,
