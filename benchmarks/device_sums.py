@@ -63,6 +63,8 @@ class _Where(logging.Handler):
 
 
 def parity(ours: ImatrixData, ref: ImatrixData) -> str:
+    """One line: same tensor names and counts as ``ref``, and the largest relative
+    difference of the values against :data:`PARITY_LIMIT` (gpu_check.sh prints it too)."""
     names = sorted(ref.entries)
     same_names = sorted(ours.entries) == names
     worst, counts_ok = 0.0, True
@@ -75,9 +77,10 @@ def parity(ours: ImatrixData, ref: ImatrixData) -> str:
         den = np.maximum(np.abs(b.values), 1e-30)
         worst = max(worst, float(np.max(np.abs(a.values - b.values) / den)))
     ok = same_names and counts_ok and worst <= PARITY_LIMIT
+    limit = np.format_float_scientific(PARITY_LIMIT, trim="-", exp_digits=1)
     return (
         f"{len(names)} tensors, same names {same_names}, same counts {counts_ok}, "
-        f"max rel. error {worst:.2e} -> {'PASS' if ok else 'FAIL'}"
+        f"max relative error {worst:.2e} -> {'PASS' if ok else 'FAIL'} (limit {limit})"
     )
 
 

@@ -148,25 +148,12 @@ parity() { # parity MODEL NGL CHUNKS CTX [extra ours flags]: llama-imatrix vs im
         >"$out/ours.log" 2>&1 || die "imatrix collect failed, see $out/ours.log"
     echo "  whole runs: llama-imatrix $((t1 - t0)) s, imatrix collect $((SECONDS - t1)) s ${extra:+($extra)}"
     grep -h "activations" "$out/ours.log" | sed 's/^/  ours: /' || true # where sums ran
-    "$PYTHON" - "$out/ours.gguf" "$out/ref.gguf" <<'EOF'
+    "$PYTHON" - "$ROOT/benchmarks" "$out/ours.gguf" "$out/ref.gguf" <<'EOF'
 import sys
-import numpy as np
+sys.path.insert(0, sys.argv[1])
+from device_sums import parity
 from imatrix.formats import read_imatrix
-ours, ref = (read_imatrix(p) for p in sys.argv[1:3])
-names = sorted(ref.entries)
-same_names = sorted(ours.entries) == names
-worst, counts_ok = 0.0, True
-for n in names:
-    a, b = ours.entries.get(n), ref.entries[n]
-    if a is None or a.values.shape != b.values.shape:
-        same_names = False
-        continue
-    counts_ok &= bool(np.array_equal(a.counts, b.counts))
-    den = np.maximum(np.abs(b.values), 1e-30)
-    worst = max(worst, float(np.max(np.abs(a.values - b.values) / den)))
-ok = same_names and counts_ok and worst <= 1e-4
-print(f"  parity: {len(names)} tensors, same names {same_names}, same counts {counts_ok}, "
-      f"max relative error {worst:.2e} -> {'PASS' if ok else 'FAIL'} (limit 1e-4)")
+print(f"  parity: {parity(read_imatrix(sys.argv[2]), read_imatrix(sys.argv[3]))}")
 EOF
 }
 
