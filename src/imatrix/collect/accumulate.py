@@ -22,6 +22,7 @@ from imatrix.collect.shared_inputs import (
     MoeParts,
     SharedInputs,
     host_span,
+    moe_key,
     tensor_key,
 )
 from imatrix.errors import ImatrixError
@@ -172,7 +173,7 @@ class Accumulators:
             log.info(
                 "collect_imatrix[%d]: %32s, MUL_MAT_ID, %5d x %5d", self.chunk, name, ne0, n_tokens
             )
-        touched, sq, sm, counts = self._moe_parts(name, src1, ids_t, n_as)
+        touched, sq, sm, counts = self._moe_parts(name, src0, src1, ids_t)
         acc.values.reshape(n_as, ne0)[touched] += sq
         if acc.sums is not None:
             acc.sums.reshape(n_as, ne0)[touched] += sm
@@ -197,9 +198,10 @@ class Accumulators:
         return acc
 
     def _moe_parts(
-        self, name: str, src1: ggml.GGMLTensor, ids_t: ggml.GGMLTensor, n_as: int
+        self, name: str, src0: ggml.GGMLTensor, src1: ggml.GGMLTensor, ids_t: ggml.GGMLTensor
     ) -> MoeParts:
-        key = (*tensor_key(src1), *tensor_key(ids_t), n_as)
+        key = moe_key(src0, src1, ids_t)
+        n_as = int(src0.ne[2])
         hit = self.shared.get(key)
         if isinstance(hit, tuple):
             return hit
