@@ -102,6 +102,18 @@ class Record:
     worst: str | None
     per_tensor: dict[str, float | None]
 
+    def summary_dict(self) -> dict[str, Any]:
+        """Every field but ``per_tensor``, by name in declaration order: the stored
+        record and the convergence table both list them so."""
+        return {
+            "chunk": self.chunk,
+            "chunks": self.chunks,
+            "tokens": self.tokens,
+            "max": self.max,
+            "median": self.median,
+            "worst": self.worst,
+        }
+
 
 @dataclass
 class ConvergenceLog:
@@ -148,15 +160,7 @@ class ConvergenceLog:
 
 
 def _record_doc(r: Record, names: list[str]) -> dict[str, Any]:
-    return {
-        "chunk": r.chunk,
-        "chunks": r.chunks,
-        "tokens": r.tokens,
-        "max": r.max,
-        "median": r.median,
-        "worst": r.worst,
-        "per_tensor": [r.per_tensor.get(n) for n in names],
-    }
+    return {**r.summary_dict(), "per_tensor": [r.per_tensor.get(n) for n in names]}
 
 
 def _record_from(d: dict[str, Any], names: list[str]) -> Record:

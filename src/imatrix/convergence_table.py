@@ -57,17 +57,7 @@ def read_log(data: ImatrixData, source: str) -> ConvergenceLog | None:
 def log_frame(conv: ConvergenceLog, *, dataset: str, shard: int | None) -> pd.DataFrame:
     """One row per record of one collection."""
     rows = [
-        {
-            "view": VIEW_SHARD,
-            "dataset": dataset,
-            "shard": shard,
-            "chunk": r.chunk,
-            "chunks": r.chunks,
-            "tokens": r.tokens,
-            "max": r.max,
-            "median": r.median,
-            "worst": r.worst,
-        }
+        {"view": VIEW_SHARD, "dataset": dataset, "shard": shard, **r.summary_dict()}
         for r in conv.records
     ]
     return _typed(pd.DataFrame(rows, columns=SCHEMA.names))
