@@ -20,7 +20,6 @@ names), else the GGUF's ``tokenizer.chat_template`` when llama.cpp recognises it
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 from imatrix.atomic import atomic_write
 from imatrix.errors import ImatrixError
 from imatrix.llama_text import apply_template, builtin_templates, model_template, template_known
+from imatrix.records import FORMAT_BY_SUFFIX, jsonl_values, parquet_values
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,6 @@ def conversation(value: Any, where: str) -> Conversation:
 def read_conversations(path: str | Path, limit: int | None = None) -> list[Conversation]:
     """Every record's conversation (the first ``limit`` only, if given), in file order;
     JSONL or Parquet, by extension."""
-    from imatrix.workflow.datasets import FORMAT_BY_SUFFIX
-
     p = Path(path)
     kind = FORMAT_BY_SUFFIX.get(p.suffix.lower())
     if kind is None:
@@ -117,41 +115,11 @@ def read_conversations(path: str | Path, limit: int | None = None) -> list[Conve
 
 
 def _jsonl_messages(path: Path, limit: int | None) -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if limit is not None and len(out) >= limit:
-                break
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ImatrixError(f"{path}:{i}: not a JSON object: {exc.msg}") from exc
-            if not isinstance(rec, dict) or MESSAGES_COLUMN not in rec:
-                raise ImatrixError(f"{path}:{i}: record has no field '{MESSAGES_COLUMN}'")
-            out.append((f"{path}:{i}", rec[MESSAGES_COLUMN]))
-    return out
+    return [(f"{path}:{i}", v) for i, v in jsonl_values(path, MESSAGES_COLUMN, limit)]
 
 
 def _parquet_messages(path: Path, limit: int | None) -> list[tuple[str, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise ImatrixError(f"{path}: not a Parquet file: {exc}") from exc
-    if MESSAGES_COLUMN not in schema.names:
-        raise ImatrixError(
-            f"{path}: no column '{MESSAGES_COLUMN}' (columns: {', '.join(schema.names)})"
-        )
-    if limit is None:
-        values = pq.read_table(path, columns=[MESSAGES_COLUMN]).column(0).to_pylist()
-    else:
-        pf = pq.ParquetFile(path)
-        batch = next(pf.iter_batches(batch_size=max(limit, 1), columns=[MESSAGES_COLUMN]), None)
-        values = [] if batch is None else batch.column(0).to_pylist()[:limit]
+    values = parquet_values(path, MESSAGES_COLUMN, limit)
     return [(f"{path}: row {i}", v) for i, v in enumerate(values)]
 
 

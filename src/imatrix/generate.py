@@ -42,6 +42,7 @@ from imatrix.errors import ImatrixError
 from imatrix.hashing import sha256_file
 from imatrix.llama_api import Batch, Context, default_threads, load_model, tokenize
 from imatrix.llama_text import end_of_generation_tokens, is_end_of_generation, token_piece
+from imatrix.records import FORMAT_BY_SUFFIX, jsonl_records, read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,13 @@ class GenerateSettings:
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts: a ``.jsonl`` file's ``prompt`` fields (a prompt may span lines), else
     one prompt per non-empty line of a UTF-8 text file."""
-    from imatrix.workflow.datasets import FORMAT_BY_SUFFIX, _jsonl_records, _read_utf8
-
     p = Path(path)
     if not p.is_file():
         raise ImatrixError(f"{p}: no such prompts file")
     if FORMAT_BY_SUFFIX.get(p.suffix.lower()) == "jsonl":
-        prompts = [s for s in _jsonl_records(p, "prompt") if s.strip()]
+        prompts = [s for s in jsonl_records(p, "prompt") if s.strip()]
     else:
-        prompts = [s.strip() for s in _read_utf8(p, "UTF-8 text").splitlines() if s.strip()]
+        prompts = [s.strip() for s in read_utf8(p, "UTF-8 text").splitlines() if s.strip()]
     if not prompts:
         raise ImatrixError(f"{p}: no prompts")
     return prompts
