@@ -184,6 +184,17 @@ def test_check_config(tmp_path: Path) -> None:
         check_config(cfg)
 
 
+def test_chat_check_only_where_asked(tmp_path: Path) -> None:
+    """Cluster jobs read the workflow again with ``check_chat=False``: the chat check
+    (which may load model vocabularies) runs in the main process only."""
+    cfg = _config(tmp_path)
+    (tmp_path / "chat.jsonl").write_text('{"text": "hi"}\n')
+    cfg["datasets"]["chat"] = {"path": str(tmp_path / "chat.jsonl"), "format": "chat"}
+    with pytest.raises(ImatrixError, match=r"chat\.jsonl:1: record has no field 'messages'"):
+        check_config(cfg)
+    check_config(cfg, check_chat=False)
+
+
 def test_eval_sets_and_the_held_out_check(tmp_path: Path) -> None:
     assert eval_sets({"text": "e.txt"}) == {"default": "e.txt"}
     assert eval_sets({"text": None, "texts": {"b": "y", "a": "x"}}) == {"b": "y", "a": "x"}

@@ -33,8 +33,11 @@ try:
 except WorkflowError as exc:
     raise WorkflowError(f"invalid config: {schema_error(exc)}") from None
 
+# The chat template check loads model vocabularies: only in the main process, not in
+# each cluster job's reading of the workflow (the job rendering a chat dataset checks
+# the same itself).
 try:
-    check_config(config)
+    check_config(config, check_chat=workflow.is_main_process)
 except ImatrixError as exc:
     raise WorkflowError(f"invalid config: {exc}") from None
 

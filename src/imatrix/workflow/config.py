@@ -63,8 +63,13 @@ def check_until_converged(value: object) -> StopRule | None:
         raise ImatrixError(f"collect.until_converged: {exc}") from None
 
 
-def check_config(config: Mapping[str, Any]) -> None:
-    """Refuse a config whose files are missing or whose models or types are unknown."""
+def check_config(config: Mapping[str, Any], *, check_chat: bool = True) -> None:
+    """Refuse a config whose files are missing or whose models or types are unknown.
+
+    ``check_chat=False`` leaves out the chat datasets' records and templates (see
+    :func:`~imatrix.workflow.model_datasets.check_model_datasets`), the one check that
+    opens model files: every cluster job reads the workflow again, and the job that
+    renders a chat dataset checks the same before it writes anything."""
     for name, model in config["models"].items():
         if "path" in model:
             _need_file(f"models.{name}.path", model["path"])
@@ -76,7 +81,7 @@ def check_config(config: Mapping[str, Any]) -> None:
     for name, ds in config["datasets"].items():
         if "path" in ds:
             _need_file(f"datasets.{name}.path", ds["path"])
-    check_model_datasets(config["datasets"], config["models"])
+    check_model_datasets(config["datasets"], config["models"], check_chat=check_chat)
     check_until_converged(config.get("collect", {}).get("until_converged"))
     canonical_quant_types(config["quantize"]["types"])
     check_plans(config["quantize"].get("plans") or [])

@@ -46,13 +46,16 @@ def parse_special(ds: Mapping[str, Any], default: bool) -> bool:
 
 
 def check_model_datasets(
-    datasets: Mapping[str, Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]]
+    datasets: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    *,
+    check_chat: bool = True,
 ) -> None:
     """Start-up checks the schema cannot make: prompts files exist, ``template:`` and
-    ``generate:`` only where they mean something, and a chat dataset's first record and
-    template are usable (:func:`imatrix.chat.check_chat_dataset`; the model's own
-    template only for models given by path, and only where llama_cpp can be imported:
-    Snakemake's own environment may lack it, and the job checks again)."""
+    ``generate:`` only where they mean something, and (with ``check_chat``) a chat
+    dataset's first record and template are usable (:func:`imatrix.chat.check_chat_dataset`;
+    the model's own template only for models given by path, and only where llama_cpp can
+    be imported: Snakemake's own environment may lack it, and the job checks again)."""
     for name, ds in datasets.items():
         if "generate" in ds:
             if "path" in ds:
@@ -64,7 +67,7 @@ def check_model_datasets(
             raise ImatrixError(f"datasets.{name}.template: only for format: chat")
         if is_chat(ds) and "generate" in ds:
             raise ImatrixError(f"datasets.{name}: a generated dataset is not chat data")
-        if is_chat(ds) and _have_llama_cpp():
+        if check_chat and is_chat(ds) and _have_llama_cpp():
             from imatrix.chat import check_chat_dataset
 
             template = ds.get("template")
