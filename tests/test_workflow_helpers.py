@@ -19,6 +19,7 @@ import yaml
 from imatrix.errors import ImatrixError
 from imatrix.formats import read_imatrix, write_imatrix
 from imatrix.model import Entry, ImatrixData, Provenance, combine
+from imatrix.records import jsonl_records, jsonl_values
 from imatrix.workflow import resources
 from imatrix.workflow.config import (
     canonical_quant_types,
@@ -142,6 +143,17 @@ def test_parquet_errors(tmp_path: Path) -> None:
     latin.write_bytes(b"caf\xe9")
     with pytest.raises(ImatrixError, match="not UTF-8"):
         load_dataset_text(latin)
+
+
+def test_jsonl_records_end_at_line_feeds(tmp_path: Path) -> None:
+    """A record's string may hold U+2028 and U+0085 unescaped (``json.dumps`` with
+    ``ensure_ascii=False`` writes them so): lines end at line feeds (and CR LF) only."""
+    p = tmp_path / "u.jsonl"
+    rec = {"text": "a\u2028b\x85c"}
+    p.write_bytes((json.dumps(rec, ensure_ascii=False) + "\r\n" + '{"text": "d"}\n').encode())
+    assert jsonl_records(p, "text") == ["a\u2028b\x85c", "d"]
+    p.write_text('\n{"text": "e"}\nnot json\n', encoding="utf-8")
+    assert jsonl_values(p, "text", limit=1) == [(2, "e")]  # line 3 is not parsed
 
 
 # --- config -------------------------------------------------------------------------
