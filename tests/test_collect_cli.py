@@ -15,6 +15,15 @@ def run(capsys, *args: object) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+def two_chunk_imatrix(capsys, model, text, out):
+    """``out``, collected from two chunks of 128 tokens without perplexity."""
+    rc, _, err = run(
+        capsys, "-m", model, "-f", text, "-o", out, "-c", 128, "--chunks", 2, "--no-ppl"
+    )
+    assert rc == 0, err
+    return out
+
+
 def test_chunk_bounds_as_llama_imatrix(dense_model, calib_text, llama_bin, tmp_path, capsys):
     """--chunk keeps llama-imatrix's check: (chunk + 2) * n_ctx must stay below the token count
     (8665 tokens: chunk 65 of 128 passes, 66 fails)."""
@@ -115,24 +124,7 @@ def test_verbosity_levels(dense_model, calib_text, tmp_path, capsys):
 
 
 def test_show_statistics(dense_model, calib_text, tmp_path, capsys):
-    im = tmp_path / "o.gguf"
-    assert (
-        run(
-            capsys,
-            "-m",
-            dense_model,
-            "-f",
-            calib_text,
-            "-o",
-            im,
-            "-c",
-            128,
-            "--chunks",
-            2,
-            "--no-ppl",
-        )[0]
-        == 0
-    )
+    im = two_chunk_imatrix(capsys, dense_model, calib_text, tmp_path / "o.gguf")
     rc, out, _ = run(capsys, "--in-file", im, "--show-statistics")
     assert rc == 0 and f"statistics for {im} (14 tensors)" in out and "ffn_down" in out
     rc, _, err = run(capsys, "--in-file", im, "--in-file", im, "--show-statistics")
@@ -144,24 +136,7 @@ def test_show_statistics_without_stats_library(
 ):
     import sys
 
-    im = tmp_path / "o.gguf"
-    assert (
-        run(
-            capsys,
-            "-m",
-            dense_model,
-            "-f",
-            calib_text,
-            "-o",
-            im,
-            "-c",
-            128,
-            "--chunks",
-            2,
-            "--no-ppl",
-        )[0]
-        == 0
-    )
+    im = two_chunk_imatrix(capsys, dense_model, calib_text, tmp_path / "o.gguf")
     monkeypatch.setitem(sys.modules, "imatrix.stats", None)  # import fails as if missing
     rc, _, err = run(capsys, "--in-file", im, "--show-statistics")
     assert rc == 1 and "render_statistics" in err
