@@ -10,18 +10,8 @@ set -euo pipefail
 STATE="${IMATRIX_SLURM_STATE:-/var/lib/imatrix-slurm}"
 log() { echo "stop-cluster: $*" >&2; }
 
-pid_start_time() { awk '{print $22}' "/proc/$1/stat" 2>/dev/null; }
-our_daemon_pid() { # name -> prints pid if the daemon we started is running
-    local name=$1 rec="$STATE/run/$1.started" pid start
-    [ -f "$rec" ] || return 1
-    read -r pid start <"$rec" || return 1
-    [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 1
-    [ "$(pid_start_time "$pid")" = "$start" ] || return 1
-    case "$(readlink "/proc/$pid/exe" 2>/dev/null)" in
-    *"$name"*) echo "$pid" ;;
-    *) return 1 ;;
-    esac
-}
+# shellcheck source=tests/slurm/daemons.sh
+. "$(dirname "${BASH_SOURCE[0]}")/daemons.sh"
 
 # Jobs first, while slurmctld and slurmd can still end them: a job step (slurmstepd and
 # its processes) outlives slurmd otherwise.
