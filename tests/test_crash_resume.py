@@ -233,27 +233,36 @@ def signal_when(cmd: list[str], trigger: Path, sig: int) -> subprocess.Completed
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def interrupted_run(
+    tmp_path: Path, model: Path, text: Path, sig: int
+) -> tuple[Path, list[str], subprocess.CompletedProcess[str]]:
+    """A collection sent ``sig`` from outside once its first checkpoint exists: output,
+    command and the run. A run that finishes first has tested nothing: it is retried with
+    an earlier moment (as soon as the output's lock exists, i.e. during start-up), and
+    the test fails if no attempt was interrupted."""
+    for trigger in (".checkpoint", ".lock"):
+        d = tmp_path / trigger.strip(".")
+        d.mkdir()
+        out = d / "out.gguf"
+        cmd = collect_cmd(model, text, out)
+        proc = signal_when(cmd, Path(f"{out}{trigger}"), sig)
+        if proc.returncode != 0:
+            return out, cmd, proc
+    pytest.fail(f"every run finished before signal {sig}: nothing was tested")
+
+
 def test_killed_from_outside_at_a_random_moment(tmp_path, dense_model, calib_text, references):
     """No hook: SIGKILL from another process once the first checkpoint exists. A run
     that finishes before the kill lands has tested nothing: it is retried with an
     earlier kill point (as soon as the output's lock exists, i.e. during start-up),
     and the test fails if no attempt was killed."""
     ref_bytes, _, _ = references["dense", "gguf"]
-    for trigger in (".checkpoint", ".lock"):
-        d = tmp_path / trigger.strip(".")
-        d.mkdir()
-        out = d / "out.gguf"
-        cmd = collect_cmd(dense_model, calib_text, out)
-        killed = signal_when(cmd, Path(f"{out}{trigger}"), signal.SIGKILL)
-        if killed.returncode == 0:
-            continue  # finished before the kill: try an earlier moment
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
-        resumed = run([*cmd, "--resume"])
-        assert resumed.returncode == 0, resumed.stderr
-        assert out.read_bytes() == ref_bytes
-        assert leftovers(d) == ["out.gguf"]
-        return
-    pytest.fail("every run finished before the kill: no kill was tested")
+    out, cmd, killed = interrupted_run(tmp_path, dense_model, calib_text, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run([*cmd, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_bytes() == ref_bytes
+    assert leftovers(out.parent) == ["out.gguf"]
 
 
 def test_resume_with_another_batch_plan_keeps_counts(tmp_path, dense_model, calib_text, references):
@@ -510,23 +519,14 @@ def test_sigterm_from_outside_mid_decode(tmp_path, dense_model, calib_text, refe
     while later chunks are being decoded; retried earlier (at start-up) if the run
     finished first, failed if no attempt was terminated."""
     ref_bytes, _, _ = references["dense", "gguf"]
-    for trigger in (".checkpoint", ".lock"):
-        d = tmp_path / trigger.strip(".")
-        d.mkdir()
-        out = d / "out.gguf"
-        cmd = collect_cmd(dense_model, calib_text, out)
-        stopped = signal_when(cmd, Path(f"{out}{trigger}"), signal.SIGTERM)
-        if stopped.returncode == 0:
-            continue
-        assert stopped.returncode == 143, stopped.stderr
-        reached = checkpoint_chunk(out)
-        assert reached is not None and 2 <= reached < 12
-        resumed = run([*cmd, "--resume"])
-        assert resumed.returncode == 0, resumed.stderr
-        assert f"at chunk {reached}" in resumed.stderr
-        assert out.read_bytes() == ref_bytes
-        return
-    pytest.fail("every run finished before SIGTERM: nothing was tested")
+    out, cmd, stopped = interrupted_run(tmp_path, dense_model, calib_text, signal.SIGTERM)
+    assert stopped.returncode == 143, stopped.stderr
+    reached = checkpoint_chunk(out)
+    assert reached is not None and 2 <= reached < 12
+    resumed = run([*cmd, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at chunk {reached}" in resumed.stderr
+    assert out.read_bytes() == ref_bytes
 
 
 # --- one writer per output --------------------------------------------------------
