@@ -109,6 +109,41 @@ def test_plot_draws_every_shard_and_a_single_file(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_shows_single_records_and_says_there_is_no_trend(tmp_path):
+    """Shards of few chunks have one record each: a line through one point is invisible,
+    so every record is a marker, and a note says why there is no line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from imatrix.convergence_plot import SINGLE_RECORD_NOTE, convergence_figure, plot_convergence
+
+    logs = [
+        ("d", 0, ConvergenceLog(8, [_rec(8, 0.9)])),
+        ("e", 1, ConvergenceLog(8, [_rec(8, 0.5)])),
+    ]
+    df = convergence_table(logs)
+    fig = convergence_figure(df, eps=1e-3, title="t")
+    ax = fig.axes[0]
+    drawn = [line for line in ax.lines if not line.get_label().startswith("EPS")]
+    assert [line.get_label() for line in drawn] == ["d/0 max", "e/1 max", "all: max", "all: median"]
+    for line in drawn:
+        assert len(line.get_xdata()) == 1
+        assert line.get_marker() not in (None, "", " ", "None") and line.get_markersize() > 0
+    (note,) = ax.texts
+    assert note.get_text() == SINGLE_RECORD_NOTE
+    FigureCanvasAgg(fig).draw()
+    box = note.get_window_extent()
+    assert not box.overlaps(ax.get_legend().get_window_extent())
+    points = ax.transData.transform([(x, y) for line in drawn for x, y in line.get_xydata()])
+    assert not any(box.contains(x, y) for x, y in points)
+    assert plot_convergence(df, tmp_path / "c.png", eps=1e-3, title="t").stat().st_size > 0
+
+    a = ConvergenceLog(8, [_rec(8, 0.1), _rec(16, 0.01)])
+    trend = convergence_figure(
+        convergence_table([("d", 0, a), ("e", 1, logs[1][2])]), eps=1e-3, title="t"
+    )
+    assert len(trend.axes[0].texts) == 0  # one shard has a trend: no note
+
+
 @pytest.mark.parametrize("value", ["0", "1e-3:0", "x", -1.0, 0])
 def test_config_rule_is_validated(value):
     with pytest.raises(ImatrixError, match=r"collect\.until_converged"):

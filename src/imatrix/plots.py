@@ -54,6 +54,8 @@ LABELS: dict[str, tuple[str, str, bool]] = {
 #: the heat maps ``imatrix stats --plot`` writes by default
 DEFAULT_STATISTICS = ("sum_sqact", "entropy_norm_pct", "zd_pct", "cossim")
 PREFERRED_STATISTICS = ("l2_dist", "cossim_act", "ecs")
+#: resolution of every PNG (dots per inch): readable at its real size in a report
+DPI = 110
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
@@ -61,7 +63,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     p = Path(path)
     FigureCanvasAgg(fig)
     with atomic_output(p) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=DPI)
     log.info("wrote %s", p)
     return p
 
