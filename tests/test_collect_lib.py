@@ -44,6 +44,46 @@ def test_early_stop_gives_identical_data(tiny_model, tokens, n_batch):
     _same_entries(cut.data, full.data)
 
 
+@pytest.mark.parametrize(
+    ("n_ctx", "n_batch", "n_ubatch", "chunks", "aborted"),
+    [
+        (128, 512, 512, 8, 2),  # a group is one ubatch, as llama-imatrix decodes it
+        (256, 512, 256, 8, 8),  # one chunk per decode; llama-imatrix: 2 x 128 rows
+        (512, 2048, 512, 4, 4),  # the defaults: one chunk per decode; 4 x 128 rows
+        (128, 512, 128, 8, 0),  # llama-imatrix's 4 x 32 rows take another attention kernel
+        (256, 512, 128, 8, 0),  # a chunk spans two ubatches: an abort would drop its cache
+    ],
+)
+def test_aborted_decodes_give_the_same_sums(
+    tiny_model, tokens, n_ctx, n_batch, n_ubatch, chunks, aborted, caplog
+):
+    """Where a ubatch holds whole chunks and the attention kernel is the one
+    llama-imatrix's ubatches take, each decode is aborted right after the last needed
+    tensor (no logits copied). The activations are those of full graphs decoded side by
+    side; only float64 sums over other row groups may round differently. None of
+    llama.cpp's lines about the abort reach the log."""
+    import logging
+
+    kw = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, last_chunk=chunks)
+    caplog.set_level(logging.DEBUG)
+    cut = collect(tiny_model, tokens, None, CollectSettings(compute_ppl=False, **kw))
+    about_abort = ("failed to decode", "removing memory", "failed to compute", "compute_async")
+    noise = [
+        r.getMessage() for r in caplog.records if any(w in r.getMessage() for w in about_abort)
+    ]
+    full = collect(
+        tiny_model, tokens, None, CollectSettings(compute_ppl=False, stop_early=False, **kw)
+    )
+    assert cut.stopped_early and not full.stopped_early
+    assert (cut.aborted_decodes, full.aborted_decodes, noise) == (aborted, 0, [])
+    assert set(cut.data.entries) == set(full.data.entries)
+    for n, e in cut.data.entries.items():
+        f = full.data.entries[n]
+        np.testing.assert_array_equal(e.counts, f.counts, err_msg=n)
+        np.testing.assert_allclose(e.values, f.values, rtol=1e-12, atol=0, err_msg=n)
+        np.testing.assert_allclose(e.sums, f.sums, rtol=1e-12, atol=1e-12, err_msg=n)
+
+
 def test_gpu_layers_path_gives_identical_data(tiny_model, tokens):
     """-ngl goes through the same callback (on a CPU-only build it offloads nothing)."""
     kw = dict(n_ctx=128, n_batch=256, last_chunk=4, compute_ppl=False, threads=2)

@@ -478,3 +478,32 @@ def test_terminated_ends_a_process_with_status_143():
     stop = Terminated(6, Path("o.gguf.checkpoint"))
     assert isinstance(stop, SystemExit) and stop.code == TERMINATED_EXIT_CODE == 143
     assert (stop.reached, stop.checkpoint) == (6, Path("o.gguf.checkpoint"))
+
+
+@pytest.mark.parametrize(
+    ("n_ctx", "n_batch", "n_ubatch", "group", "per"),
+    [
+        (512, 2048, 512, 4, 1),  # llama-imatrix: 4 x 128 rows per ubatch, whole tiles
+        (512, 2048, 512, 3, 0),  # a last group of 3: 170 rows each, not whole tiles
+        (512, 2048, 512, 1, 1),  # one chunk: the same ubatch as llama-imatrix's
+        (128, 512, 512, 4, 4),  # the group is one ubatch
+        (128, 2048, 512, 16, 0),  # 16 x 32 rows: another attention kernel
+        (256, 1024, 512, 4, 2),  # 4 x 128 rows; ours 2 x 256
+        (1024, 2048, 512, 2, 0),  # a chunk spans two ubatches
+        (512, 256, 512, 1, 0),  # a chunk spans two decodes
+    ],
+)
+def test_abort_split(n_ctx, n_batch, n_ubatch, group, per):
+    s = CollectSettings(n_ctx=n_ctx, n_batch=n_batch)
+    plan = plan_chunks(np.arange(n_ctx * 16, dtype=np.int32), s)
+    assert plan.abort_split(group, n_ubatch) == per
+
+
+def test_split_keeps_sequences_whole():
+    plan = plan_chunks(np.arange(64 * 5, dtype=np.int32), CollectSettings(n_ctx=64, n_batch=256))
+    (spec,) = plan.batches(0, 4, bos=None)
+    parts = list(plan.split(spec, 3))
+    assert [p.tokens.size for p in parts] == [192, 64]
+    assert np.array_equal(np.concatenate([p.tokens for p in parts]), spec.tokens)
+    assert np.array_equal(parts[1].seq_ids, np.full(64, 3))
+    assert np.array_equal(parts[1].positions, np.arange(64))

@@ -53,6 +53,16 @@ _LEVELS = {
     4: logging.ERROR,  # ERROR
 }
 _LOG_CONT = 5
+#: ``llama_decode``'s return code for a decode its abort callback ended
+_DECODE_ABORTED = 2
+#: what llama.cpp logs about a decode that :meth:`Context.abort_decode` ended on
+#: purpose (the graph's status, the ubatch's cache entries dropped, the return code)
+_ABORT_LINES = (
+    "graph_compute: ggml_backend_sched_graph_compute_async failed",
+    "process_ubatch: failed to compute graph",
+    "decode: removing memory module entries",
+    "llama_decode: failed to decode, ret = 2",
+)
 
 #: ``bool (*)(struct ggml_tensor * t, bool ask, void * user_data)``
 EvalCallback = Callable[[int, bool], bool]
@@ -484,6 +494,20 @@ def _cpu_lib() -> ctypes.CDLL | None:
     return None  # pragma: no cover - a build without a CPU backend library
 
 
+class _AbortLines(logging.Filter):
+    """Keeps llama.cpp's lines about a decode we aborted on purpose out of the log."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.ctx.aborting:
+            return True
+        msg = record.getMessage()
+        return not any(msg.startswith(p) for p in _ABORT_LINES)
+
+
 class Context:
     """A llama.cpp context, created the way llama.cpp's tools create theirs.
 
@@ -532,6 +556,12 @@ class Context:
             cp.n_outputs_max = int(n_outputs_max)
         self._cb_error: BaseException | None = None
         self._cb_c: Any = None  # the ctypes callback object: must stay referenced
+        self._abort_c: Any = None  # the abort callback (see abort_decode)
+        self._abort_filter: _AbortLines | None = None
+        #: True from :meth:`abort_decode` until the decode it ends returns
+        self.aborting = False
+        #: decodes ended by :meth:`abort_decode`
+        self.n_aborted = 0
         if cb_eval is not None:
             self._cb_c = self._c_callback(cb_eval)
             cp.cb_eval = self._cb_c
@@ -594,15 +624,44 @@ class Context:
         lc = _llama()
         lc.llama_memory_clear(lc.llama_get_memory(self.ptr), True)
 
+    def enable_abort(self) -> None:
+        """Allow :meth:`abort_decode` (from the eval callback) for this context."""
+        lc = _llama()
+        if self._abort_c is None:
+            self._abort_c = lc.ggml_abort_callback(lambda _data: True)
+            self._abort_filter = _AbortLines(self)
+            llama_log.addFilter(self._abort_filter)
+
+    def abort_decode(self) -> None:
+        """End the running decode after the next node the CPU backend computes, so that
+        llama.cpp skips the rest of the graph and copies out no logits. Called from the
+        eval callback between graph pieces; the aborted ubatch's cache entries are
+        dropped and the decode's later ubatches are not run (see
+        :meth:`imatrix.collect.plan.ChunkPlan.whole_chunks_per_ubatch`)."""
+        if self._abort_c is None:
+            raise RuntimeError("abort_decode without enable_abort")
+        _llama().llama_set_abort_callback(self.ptr, self._abort_c, None)
+        self.aborting = True
+
     def decode(self, batch: Batch) -> None:
-        """``llama_decode`` the batch; errors (and eval-callback exceptions) are raised."""
+        """``llama_decode`` the batch; errors (and eval-callback exceptions) are raised.
+        A decode ended by :meth:`abort_decode` returns normally."""
         if batch.n_tokens <= 0:
             raise ValueError("empty batch")
         self._cb_error = None
-        ret = _llama().llama_decode(self.ptr, batch.struct())
+        lc = _llama()
+        try:
+            ret = lc.llama_decode(self.ptr, batch.struct())
+        finally:
+            if self.aborting:
+                lc.llama_set_abort_callback(self.ptr, lc.ggml_abort_callback(), None)
+        aborted, self.aborting = self.aborting, False
         if self._cb_error is not None:
             exc, self._cb_error = self._cb_error, None
             raise exc
+        if ret == _DECODE_ABORTED and aborted:
+            self.n_aborted += 1
+            return
         if ret != 0:
             raise ImatrixError(
                 f"llama_decode failed (code {ret}) on a batch of {batch.n_tokens} tokens"
@@ -637,6 +696,9 @@ class Context:
 
     def close(self) -> None:
         lc = _llama()
+        if self._abort_filter is not None:
+            llama_log.removeFilter(self._abort_filter)
+            self._abort_filter = None
         if self.ptr:
             lc.llama_free(self.ptr)
             self.ptr = None

@@ -133,6 +133,7 @@ def collect(
             resumed_from=start.resumed_from,
             outputs=stats.outputs,
             convergence=None if stats.convergence is None else stats.convergence.log,
+            aborted_decodes=stats.aborted_decodes,
         )
 
 

@@ -20,6 +20,7 @@ answered false: it costs no piece of its own.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from imatrix import ggml
@@ -65,6 +66,9 @@ class Collector:
         self.n_unsplit = 0
         #: time spent reading and summing activations (inside llama_decode)
         self.seconds = 0.0
+        #: called when the tensor a graph stops after has been read, instead of
+        #: stopping the graph piece (None: the piece stops; see the loop's abort)
+        self.on_stop: Callable[[], None] | None = None
 
     def close(self) -> None:
         self.acc.summer.close()
@@ -90,7 +94,12 @@ class Collector:
         t0 = time.perf_counter()
         name = self._observe(t)
         self.seconds += time.perf_counter() - t0
-        return name != self.cut.stop_after
+        if name != self.cut.stop_after:
+            return True
+        if self.on_stop is None:
+            return False
+        self.on_stop()
+        return True
 
     def _ask(self, t: ggml.GGMLTensor) -> bool:
         if t.data:

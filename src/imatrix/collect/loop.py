@@ -57,6 +57,8 @@ class LoopStats:
     #: it before the plan's last)
     convergence: ConvergenceTracker | None = None
     end_chunk: int = 0
+    #: decodes ended by aborting them past the last needed tensor
+    aborted_decodes: int = 0
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,8 @@ class ChunkLoop:
         self.stats = LoopStats()
         self._bar: Any = None
         self._cc_prev = 0
+        #: decodes may end by abort (see :meth:`_arm_abort`)
+        self._abortable = False
 
     def run(self, model: Model, start: int, on_chunk: ChunkCallback | None) -> None:
         plan = self.job.plan
@@ -191,6 +195,7 @@ class ChunkLoop:
                 self._bar.close()
         self.ctx.synchronize()
         self.stats.compute_seconds = time.perf_counter() - t_loop
+        self.stats.aborted_decodes = self.ctx.n_aborted
         log.debug(
             "%d tensors observed, %d of them reused a shared input's sums",
             self.collector.n_observed,
@@ -215,7 +220,24 @@ class ChunkLoop:
         finally:
             armed = self.collector.finish_probe(n)
             self.ctx.clear()
+        if armed:
+            self._arm_abort()
         return armed
+
+    def _arm_abort(self) -> None:
+        """Let decodes end by abort once past the last needed tensor where only the CPU
+        computes: the graph piece's stop alone still has llama.cpp copy out ``n_vocab``
+        floats per token (and clear that buffer first), the largest cost left in a
+        ``--no-ppl`` run. Which groups qualify: :meth:`ChunkPlan.abort_split`."""
+        if not gpu_offload_supported():
+            self._abortable = True
+            self.ctx.enable_abort()
+
+    def _per_decode(self, n: int) -> int:
+        """Sequences per decode of a group of ``n`` chunks ending by abort (0: none)."""
+        if not self._abortable or self.collector.stop_after is None:
+            return 0
+        return self.job.plan.abort_split(n, self.ctx.n_ubatch)
 
     def decode_group(
         self, g0: int, n: int, bos: int | None, verify: bool
@@ -227,11 +249,14 @@ class ChunkLoop:
         self.ctx.clear()
         self.collector.acc.chunk = g0 - plan.first
         nll: list[list[np.ndarray]] = [[] for _ in range(n)]
+        per = self._per_decode(n)
+        self.collector.on_stop = self.ctx.abort_decode if per else None
         for spec in plan.batches(g0, n, bos):
-            self.batch.set(spec.tokens, spec.positions, spec.seq_ids, True)
-            self.collector.reset_cache()
-            self._decode(verify)
-            verify = False
+            for part in plan.split(spec, per) if per else [spec]:
+                self.batch.set(part.tokens, part.positions, part.seq_ids, True)
+                self.collector.reset_cache()
+                self._decode(verify)
+                verify = False
             tp = time.perf_counter()
             self._score(g0, n, spec, nll)
             self.stats.ppl_seconds += time.perf_counter() - tp

@@ -22,6 +22,12 @@ from imatrix.errors import ImatrixError
 from imatrix.model import Provenance
 
 
+#: query rows per tile of the CPU flash-attention kernel (``GGML_FA_TILE_Q`` in the
+#: pinned ggml's ggml-cpu/common.h); a sequence with fewer rows in a ubatch is computed
+#: by another kernel, with other rounding
+FA_TILE_ROWS = 64
+
+
 def plan_batches(n_ctx: int, n_batch: int) -> tuple[int, int, int]:
     """``(n_seq, n_kv, n_batch)`` as llama-imatrix derives them from ``-c`` and ``-b``."""
     if n_ctx <= 0:
@@ -91,6 +97,42 @@ class ChunkPlan:
                 tokens=seq_tok.reshape(-1),
                 positions=np.tile(np.arange(b0, b0 + bs, dtype=np.int32), n_seq),
                 seq_ids=np.repeat(np.arange(n_seq, dtype=np.int32), bs),
+            )
+
+    def abort_split(self, n: int, n_ubatch: int) -> int:
+        """Sequences per decode when the decodes of a group of ``n`` chunks may each end
+        by aborting their only ubatch right after the last needed tensor; 0: they may
+        not. llama.cpp drops an aborted ubatch's cache entries, so a ubatch must hold
+        whole chunks. Decoding them that way must also give llama-imatrix's numbers:
+        llama-imatrix's ubatch takes ``n_ubatch // n`` rows of each of the group's
+        sequences, ours every row of fewer sequences, and the CPU attention kernel
+        changes with the rows per sequence unless both are whole tiles of
+        :data:`FA_TILE_ROWS`. (A group that fits one ubatch is decoded as llama-imatrix
+        decodes it.)"""
+        if self.batches_per_chunk != 1 or self.n_ctx > n_ubatch:
+            return 0
+        per = n_ubatch // self.n_ctx
+        if n <= per:
+            return n
+        rows = n_ubatch // n  # llama-imatrix's rows of each sequence per ubatch
+        if rows % FA_TILE_ROWS or self.n_ctx % rows:
+            return 0
+        return per
+
+    @staticmethod
+    def split(spec: BatchSpec, per_decode: int) -> Iterator[BatchSpec]:
+        """``spec``'s sequences in decodes of ``per_decode`` whole sequences each (their
+        sequence ids, and so their cache streams, unchanged)."""
+        n_seq = spec.tokens.size // spec.size
+        step = per_decode * spec.size
+        for s0 in range(0, n_seq, per_decode):
+            lo, hi = s0 * spec.size, min(n_seq * spec.size, s0 * spec.size + step)
+            yield BatchSpec(
+                spec.start,
+                spec.size,
+                spec.tokens[lo:hi],
+                spec.positions[lo:hi],
+                spec.seq_ids[lo:hi],
             )
 
 

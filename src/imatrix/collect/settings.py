@@ -101,6 +101,8 @@ class CollectResult:
     collect_seconds: float = 0.0
     ppl_seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
+    #: decodes that ended by abort right after the last needed tensor (no logits copied)
+    aborted_decodes: int = 0
 
 
 __all__ = ["CollectResult", "CollectSettings"]
