@@ -21,7 +21,6 @@ from imatrix.collect.settings import CollectSettings
 from imatrix.errors import ImatrixError
 from imatrix.model import Provenance
 
-
 #: query rows per tile of the CPU flash-attention kernel (``GGML_FA_TILE_Q`` in the
 #: pinned ggml's ggml-cpu/common.h); a sequence with fewer rows in a ubatch is computed
 #: by another kernel, with other rounding
