@@ -550,6 +550,7 @@ def test_second_collector_waits_for_the_first(tmp_path, dense_model, calib_text,
     its first checkpoint, lock held), and only then runs; the result is the same."""
     ref_bytes, _, _ = references["dense", "gguf"]
     out = tmp_path / "out.gguf"
+    err_file = tmp_path.parent / f"{tmp_path.name}-second.err"  # not a leftover of the run
     cmd = collect_cmd(dense_model, calib_text, out)
     env = {k: v for k, v in os.environ.items() if k != faults.ENV}
     first = subprocess.Popen(
@@ -562,23 +563,25 @@ def test_second_collector_waits_for_the_first(tmp_path, dense_model, calib_text,
     try:
         _wait_for(lambda: _state(first.pid) == "T", "the first collector to stop")
         assert checkpoint_chunk(out) == 4
-        second = subprocess.Popen(
-            [*cmd, "--resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        time.sleep(3)  # ample time to load the model and start, were it not waiting
+        with err_file.open("w") as err_out:
+            second = subprocess.Popen(
+                [*cmd, "--resume"], env=env, stdout=subprocess.DEVNULL, stderr=err_out
+            )
+        # its line comes before it blocks on the lock: no guess of how long it needs
+        _wait_for(lambda: "waiting for it to finish" in err_file.read_text(), "the wait")
         assert second.poll() is None
         assert checkpoint_chunk(out) == 4 and not out.exists()
         os.kill(first.pid, signal.SIGCONT)
         assert first.wait(timeout=120) == 0
-        _, err = second.communicate(timeout=120)
-        assert second.returncode == 0, err
+        assert second.wait(timeout=120) == 0, err_file.read_text()
     finally:
         for p in (first, second):
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(timeout=60)
+    err = err_file.read_text()
     assert f"{out} is being written by pid {first.pid} on " in err
-    assert "waiting for it to finish" in err
+    assert "lock on" in err and "obtained after" in err
     assert out.read_bytes() == ref_bytes
     assert leftovers(tmp_path) == ["out.gguf"]
 
