@@ -632,12 +632,17 @@ class Context:
             self._abort_filter = _AbortLines(self)
             llama_log.addFilter(self._abort_filter)
 
+    @property
+    def abort_enabled(self) -> bool:
+        """:meth:`enable_abort` was called."""
+        return self._abort_c is not None
+
     def abort_decode(self) -> None:
         """End the running decode after the next node the CPU backend computes, so that
         llama.cpp skips the rest of the graph and copies out no logits. Called from the
         eval callback between graph pieces; the aborted ubatch's cache entries are
         dropped and the decode's later ubatches are not run (see
-        :meth:`imatrix.collect.plan.ChunkPlan.whole_chunks_per_ubatch`)."""
+        :meth:`imatrix.collect.plan.ChunkPlan.abort_split`)."""
         if self._abort_c is None:
             raise RuntimeError("abort_decode without enable_abort")
         _llama().llama_set_abort_callback(self.ptr, self._abort_c, None)

@@ -80,17 +80,21 @@ def _settle(
     places = candidates(label.left_first)
     fallback: tuple[int, int] | None = None
     for side, shift in places:
-        ann.xyann = (side * GAP_PT, LIFT_PT + shift * LINE_PT)
-        ann.set_horizontalalignment("left" if side > 0 else "right")
+        _put(ann, side, shift)
         box = ann.get_window_extent(r)
         if _fits(box, frame, taken):
             return shift
         if fallback is None and not any(box.overlaps(t) for t in taken):
             fallback = (side, shift)
     side, shift = fallback or places[0]
+    _put(ann, side, shift)
+    return shift
+
+
+def _put(ann: Annotation, side: int, shift: int) -> None:
+    """Place ``ann`` on ``side`` of its point (-1 left, +1 right), ``shift`` lines up."""
     ann.xyann = (side * GAP_PT, LIFT_PT + shift * LINE_PT)
     ann.set_horizontalalignment("left" if side > 0 else "right")
-    return shift
 
 
 def _annotate(

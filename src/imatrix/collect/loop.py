@@ -153,8 +153,6 @@ class ChunkLoop:
         self.stats = LoopStats()
         self._bar: Any = None
         self._cc_prev = 0
-        #: decodes may end by abort (see :meth:`_arm_abort`)
-        self._abortable = False
 
     def run(self, model: Model, start: int, on_chunk: ChunkCallback | None) -> None:
         plan = self.job.plan
@@ -230,12 +228,11 @@ class ChunkLoop:
         floats per token (and clear that buffer first), the largest cost left in a
         ``--no-ppl`` run. Which groups qualify: :meth:`ChunkPlan.abort_split`."""
         if not gpu_offload_supported():
-            self._abortable = True
             self.ctx.enable_abort()
 
     def _per_decode(self, n: int) -> int:
         """Sequences per decode of a group of ``n`` chunks ending by abort (0: none)."""
-        if not self._abortable or self.collector.stop_after is None:
+        if not self.ctx.abort_enabled or self.collector.stop_after is None:
             return 0
         return self.job.plan.abort_split(n, self.ctx.n_ubatch)
 
