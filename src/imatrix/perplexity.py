@@ -1,4 +1,4 @@
-"""Perplexity as llama-imatrix reports it, computed with numpy over the logits in bulk.
+"""Perplexity as llama-imatrix reports it, computed over the logits in bulk.
 
 llama-imatrix scores the second half of every chunk (positions ``n_ctx/2`` to
 ``n_ctx-2`` predicting the next token), accumulates the negative log-likelihood and
@@ -6,7 +6,9 @@ its square in double precision over all chunks, prints the running estimate
 ``exp(nll / count)`` after each chunk, and finally ``PPL = exp(mean nll)`` with the
 error ``sqrt(var(nll) / (count - 1)) * PPL``. Each log-softmax is computed as
 ``logit[tok] - max - log(sum(expf(logit - max)))`` with float32 differences and
-exponentials summed in double; we do the same, vectorized per block of rows.
+exponentials summed in double; we do the same per block of rows, with the vectorized
+kernel of ggml's CPU backend (:mod:`imatrix.ggml_vec`), or numpy where the loaded
+build lacks it.
 """
 
 from __future__ import annotations
@@ -19,15 +21,34 @@ from typing import Any
 
 import numpy as np
 
+from imatrix.ggml_vec import ggml_exp_sum, row_exp_sums
+
 #: float32 bytes of logits per block: one or a few rows, so that the passes over a
 #: block (max, subtract, exp, sum) run in the CPU cache
 _BLOCK_BYTES = 1 << 20
-#: a row's exponentials are summed in float32 (pairwise, accurate) over segments of this
-#: many values, and the segment sums in float64, like llama.cpp's double accumulator
+#: numpy path: a row's exponentials are summed in float32 (pairwise, accurate) over
+#: segments of this many values, and the segment sums in float64, like llama.cpp's
+#: double accumulator
 _SEGMENT = 8192
 
 
 def _nll_rows(logits: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:
+    exp_sum = ggml_exp_sum()
+    if exp_sum is None or not logits.flags.c_contiguous:
+        _nll_rows_numpy(logits, targets, out)
+        return
+    n = logits.shape[0]
+    rows = max(1, _BLOCK_BYTES // (4 * logits.shape[1]))
+    for i in range(0, n, rows):
+        blk = logits[i : i + rows]
+        m = blk.max(axis=1)
+        # logit[tok] - max in float32, as llama.cpp computes it
+        picked = (blk[np.arange(blk.shape[0]), targets[i : i + rows]] - m).astype(np.float64)
+        out[i : i + rows] = np.log(row_exp_sums(exp_sum, blk, m)) - picked
+
+
+def _nll_rows_numpy(logits: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:
+    """:func:`_nll_rows` with numpy's exponentials (no ggml kernel available)."""
     n, v = logits.shape
     rows = max(1, _BLOCK_BYTES // (4 * v))
     buf = np.empty((min(rows, n), v), dtype=np.float32)
@@ -38,7 +59,6 @@ def _nll_rows(logits: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:
         d = buf[:r]
         m = blk.max(axis=1, keepdims=True)
         np.subtract(blk, m, out=d)
-        # logit[tok] - max in float32, as llama.cpp computes it
         picked = d[np.arange(r), targets[i : i + r]].astype(np.float64)
         np.exp(d, out=d)
         s = np.zeros(r)
