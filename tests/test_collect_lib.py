@@ -84,6 +84,28 @@ def test_aborted_decodes_give_the_same_sums(
         np.testing.assert_allclose(e.sums, f.sums, rtol=1e-12, atol=1e-12, err_msg=n)
 
 
+@pytest.mark.parametrize(
+    ("n_batch", "chunks"),
+    [
+        (1024, 8),  # 8 sequences, 2 ubatches of 8 x 64 rows
+        (2048, 5),  # 5 sequences: ubatches of 5 x 102 and 5 x 26 rows
+    ],
+)
+def test_batches_in_ubatch_order_give_the_same_bytes(
+    tiny_model, tokens, monkeypatch, n_batch, chunks
+):
+    """Side-by-side chunks go to llama.cpp in the order it computes them, so reading
+    the logits needs no reordering; the ubatches are the same, so are the bytes."""
+    from imatrix.collect.plan import ChunkPlan
+
+    kw = dict(n_ctx=128, n_batch=n_batch, last_chunk=chunks, compute_ppl=True, threads=2)
+    ours = collect(tiny_model, tokens, None, CollectSettings(**kw))
+    monkeypatch.setattr(ChunkPlan, "interleave", staticmethod(lambda spec, n_ubatch: spec))
+    plain = collect(tiny_model, tokens, None, CollectSettings(**kw))
+    _same_entries(ours.data, plain.data)
+    assert ours.perplexity.running == plain.perplexity.running
+
+
 def test_gpu_layers_path_gives_identical_data(tiny_model, tokens):
     """-ngl goes through the same callback (on a CPU-only build it offloads nothing)."""
     kw = dict(n_ctx=128, n_batch=256, last_chunk=4, compute_ppl=False, threads=2)

@@ -34,7 +34,13 @@ from imatrix.collect.checkpoint import (
 )
 from imatrix.collect.graph_cut import GraphCut, Mode
 from imatrix.collect.job import prepare_job
-from imatrix.collect.plan import load_token_source, plan_batches, plan_chunks, provenance_for
+from imatrix.collect.plan import (
+    ChunkPlan,
+    load_token_source,
+    plan_batches,
+    plan_chunks,
+    provenance_for,
+)
 from imatrix.collect.settings import CollectSettings
 from imatrix.collect.shared_inputs import SharedInputs
 from imatrix.collect.termination import TERMINATED_EXIT_CODE, Terminated, finish_on_sigterm
@@ -497,6 +503,33 @@ def test_abort_split(n_ctx, n_batch, n_ubatch, group, per):
     s = CollectSettings(n_ctx=n_ctx, n_batch=n_batch)
     plan = plan_chunks(np.arange(n_ctx * 16, dtype=np.int32), s)
     assert plan.abort_split(group, n_ubatch) == per
+
+
+@pytest.mark.parametrize(("n_seq", "n_ubatch"), [(4, 512), (5, 512), (3, 100), (2, 2048), (1, 64)])
+def test_interleave_puts_rows_where_runs_find_them(n_seq, n_ubatch):
+    """Every token of every sequence is where :meth:`BatchSpec.runs` says, in blocks of
+    ``n_ubatch // n_seq`` tokens of each sequence (llama.cpp's equal split)."""
+    n_ctx = 256
+    plan = plan_chunks(
+        np.arange(n_ctx * 8, dtype=np.int32), CollectSettings(n_ctx=n_ctx, n_batch=n_ctx * n_seq)
+    )
+    (spec,) = plan.batches(0, n_seq, bos=None)
+    inter = ChunkPlan.interleave(spec, n_ubatch)
+    rows = n_ubatch // n_seq
+    assert inter.block == (rows if n_seq > 1 and rows < n_ctx else 0)
+    assert sorted(inter.tokens.tolist()) == sorted(spec.tokens.tolist())
+    if inter.block:
+        first = inter.seq_ids[: n_seq * rows].reshape(n_seq, rows)
+        assert (first == np.arange(n_seq)[:, None]).all()
+    for s in range(n_seq):
+        runs = list(inter.runs(s, 3, n_ctx - 1))
+        got = np.concatenate([inter.tokens[r : r + c] for r, _, c in runs])
+        assert np.array_equal(got, np.arange(s * n_ctx + 3, (s + 1) * n_ctx - 1))
+        assert all(inter.tokens[r] == s * n_ctx + j and inter.positions[r] == j for r, j, _ in runs)
+        assert all((inter.seq_ids[r : r + c] == s).all() for r, _, c in inter.runs(s, 0, n_ctx))
+    if inter.block:
+        with pytest.raises(ValueError, match="one after the other"):
+            list(ChunkPlan.split(inter, 1))
 
 
 def test_split_keeps_sequences_whole():

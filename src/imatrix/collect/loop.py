@@ -249,13 +249,16 @@ class ChunkLoop:
         per = self._per_decode(n)
         self.collector.on_stop = self.ctx.abort_decode if per else None
         for spec in plan.batches(g0, n, bos):
-            for part in plan.split(spec, per) if per else [spec]:
+            parts = (
+                list(plan.split(spec, per)) if per else [plan.interleave(spec, self.ctx.n_ubatch)]
+            )
+            for part in parts:
                 self.batch.set(part.tokens, part.positions, part.seq_ids, True)
                 self.collector.reset_cache()
                 self._decode(verify)
                 verify = False
             tp = time.perf_counter()
-            self._score(g0, n, spec, nll)
+            self._score(g0, parts[-1] if len(parts) == 1 else spec, nll)
             self.stats.ppl_seconds += time.perf_counter() - tp
         return nll
 
@@ -270,8 +273,9 @@ class ChunkLoop:
             self.collector.reset_cache()
             self.ctx.decode(self.batch)
 
-    def _score(self, g0: int, n: int, spec: BatchSpec, nll: list[list[np.ndarray]]) -> None:
-        """Negative log-likelihoods of this batch's tokens in each chunk's second half."""
+    def _score(self, g0: int, spec: BatchSpec, nll: list[list[np.ndarray]]) -> None:
+        """Negative log-likelihoods of this batch's tokens in each chunk's second half
+        (``spec``: the batch as decoded, whose row order the logits follow)."""
         if self.ppl is None:
             return
         n_ctx, b0, bs = self.job.plan.n_ctx, spec.start, spec.size
@@ -280,11 +284,11 @@ class ChunkLoop:
             return
         lg = self.ctx.logits(self.batch.n_tokens)
         toks = self.job.plan.tokens
-        for s in range(n):
-            rows = lg[s * bs + lo - b0 : s * bs + hi - b0]
-            c0 = (g0 + s) * n_ctx
-            targets = toks[c0 + lo + 1 : c0 + hi + 1]
-            nll[s].append(token_nll(rows, targets, self.pool, self.n_threads))
+        for s in range(spec.n_seq):
+            c0 = (g0 + s) * n_ctx + b0
+            for row, j, count in spec.runs(s, lo - b0, hi - b0):
+                targets = toks[c0 + j + 1 : c0 + j + count + 1]
+                nll[s].append(token_nll(lg[row : row + count], targets, self.pool, self.n_threads))
 
     def after_group(
         self, g0: int, n: int, nll: list[list[np.ndarray]], on_chunk: ChunkCallback | None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +38,42 @@ def plan_batches(n_ctx: int, n_batch: int) -> tuple[int, int, int]:
     return n_seq, n_kv, min(n_batch, n_kv)
 
 
+def ubatch_order(n_seq: int, size: int, rows: int) -> np.ndarray:
+    """The tokens of a batch of ``n_seq`` sequences of ``size`` tokens each (sequences
+    one after the other) in the order llama.cpp's equal split computes them: ``rows``
+    tokens of every sequence per ubatch, sequence by sequence."""
+    idx = np.arange(n_seq * size).reshape(n_seq, size)
+    return np.concatenate([idx[:, b : b + rows].reshape(-1) for b in range(0, size, rows)])
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """One ``llama_decode`` of a group: ``size`` tokens of each sequence from position
-    ``start`` on, sequences one after the other."""
+    ``start`` on, in blocks of ``block`` tokens of every sequence (0: one block,
+    sequences one after the other)."""
 
     start: int
     size: int
     tokens: np.ndarray
     positions: np.ndarray
     seq_ids: np.ndarray
+    block: int = 0
+
+    @property
+    def n_seq(self) -> int:
+        return self.tokens.size // self.size
+
+    def runs(self, s: int, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+        """Where tokens ``[lo, hi)`` of sequence ``s`` (offsets from ``start``) sit in
+        the batch: ``(first row, first offset, count)`` of each contiguous run."""
+        block = self.block or self.size
+        j = lo
+        while j < hi:
+            b0 = j - j % block
+            width = min(block, self.size - b0)
+            count = min(hi, b0 + width) - j
+            yield b0 * self.n_seq + s * width + j - b0, j, count
+            j += count
 
 
 @dataclass(frozen=True)
@@ -119,10 +145,34 @@ class ChunkPlan:
         return per
 
     @staticmethod
+    def interleave(spec: BatchSpec, n_ubatch: int) -> BatchSpec:
+        """``spec``'s tokens in the order llama.cpp computes them (:func:`ubatch_order`)
+        when its equal split makes ubatches of ``n_ubatch // n_seq`` tokens of every
+        sequence: the ubatches are the same as in ``spec``'s order, but their outputs
+        come out in batch order, so reading the logits costs no reordering (llama.cpp
+        swaps the rows of an out-of-order batch into place on the first access,
+        ``2 x n_vocab`` floats per swap)."""
+        n = spec.n_seq
+        rows = n_ubatch // n
+        if n == 1 or rows < 1 or rows >= spec.size:
+            return spec
+        order = ubatch_order(n, spec.size, rows)
+        return replace(
+            spec,
+            tokens=spec.tokens[order],
+            positions=spec.positions[order],
+            seq_ids=spec.seq_ids[order],
+            block=rows,
+        )
+
+    @staticmethod
     def split(spec: BatchSpec, per_decode: int) -> Iterator[BatchSpec]:
         """``spec``'s sequences in decodes of ``per_decode`` whole sequences each (their
-        sequence ids, and so their cache streams, unchanged)."""
-        n_seq = spec.tokens.size // spec.size
+        sequence ids, and so their cache streams, unchanged); ``spec`` has them one
+        after the other."""
+        if spec.block not in (0, spec.size):
+            raise ValueError("split needs the sequences one after the other")
+        n_seq = spec.n_seq
         step = per_decode * spec.size
         for s0 in range(0, n_seq, per_decode):
             lo, hi = s0 * spec.size, min(n_seq * spec.size, s0 * spec.size + step)
@@ -207,4 +257,5 @@ __all__ = [
     "plan_batches",
     "plan_chunks",
     "provenance_for",
+    "ubatch_order",
 ]
