@@ -78,19 +78,27 @@ def lib_dir() -> Path:
     return Path(str(llama_cpp.__file__)).resolve().parent / "lib"
 
 
+def ggml_library(stem: str) -> Path | None:
+    """The file of ggml library ``stem`` (``ggml-base``, ``ggml-cpu``) next to
+    llama-cpp-python's, under its Linux, macOS or Windows name; None if absent."""
+    d = lib_dir()
+    for name in (f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
+        if (d / name).exists():
+            return d / name
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def libggml_base() -> ctypes.CDLL:
     """The ggml-base library llama-cpp-python loaded (same handle: dlopen is refcounted)."""
     import llama_cpp  # noqa: F401  (makes sure libllama, hence ggml-base, is loaded first)
 
-    d = lib_dir()
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-        p = d / name
-        if p.exists():
-            lib = ctypes.CDLL(str(p))
-            break
-    else:
-        raise ImatrixError(f"cannot find the ggml-base library next to llama-cpp-python in {d}")
+    path = ggml_library("ggml-base")
+    if path is None:
+        raise ImatrixError(
+            f"cannot find the ggml-base library next to llama-cpp-python in {lib_dir()}"
+        )
+    lib = ctypes.CDLL(str(path))
     P = ctypes.c_void_p
     sigs = {
         "ggml_tensor_overhead": ([], ctypes.c_size_t),

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from imatrix.ggml import lib_dir
+from imatrix.ggml import ggml_library
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 ExpSum = Callable[[int, int, int, float], float]
 
 _SYMBOL = "ggml_vec_soft_max_f32"
-_LIBS = ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll")
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,17 +36,13 @@ def ggml_exp_sum() -> ExpSum | None:
     backend library exporting it (the caller then computes with numpy)."""
     import llama_cpp  # noqa: F401  (loads the ggml libraries this binds to)
 
-    d = lib_dir()
-    for name in _LIBS:
-        if (d / name).exists():
-            lib = ctypes.CDLL(str(d / name))
-            break
-    else:  # pragma: no cover - a build without a separate CPU backend library
-        log.debug("no ggml CPU library in %s: exponentials summed with numpy", d)
+    path = ggml_library("ggml-cpu")
+    if path is None:  # pragma: no cover - a build without a separate CPU backend library
+        log.debug("no ggml CPU library: exponentials summed with numpy")
         return None
-    fn = getattr(lib, _SYMBOL, None)
+    fn = getattr(ctypes.CDLL(str(path)), _SYMBOL, None)
     if fn is None:  # pragma: no cover - a ggml that does not export the kernel
-        log.debug("%s does not export %s: exponentials summed with numpy", name, _SYMBOL)
+        log.debug("%s does not export %s: exponentials summed with numpy", path.name, _SYMBOL)
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
     fn.restype = ctypes.c_double

@@ -471,27 +471,25 @@ def _check_threadpool_params(base: ctypes.CDLL) -> None:
 @functools.lru_cache(maxsize=1)
 def _cpu_lib() -> ctypes.CDLL | None:
     """ggml's CPU backend library (threadpools), its layout checked; None if absent."""
-    from imatrix.ggml import lib_dir, libggml_base
+    from imatrix.ggml import ggml_library, libggml_base
 
     lc = _llama()
-    d = lib_dir()
-    for name in ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll"):
-        p = d / name
-        if p.exists():
-            base = libggml_base()
-            base.ggml_threadpool_params_init.argtypes = [ctypes.c_void_p, ctypes.c_int]
-            base.ggml_threadpool_params_init.restype = None
-            _check_threadpool_params(base)
-            lib = ctypes.CDLL(str(p))
-            lib.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
-            lib.ggml_threadpool_new.restype = ctypes.c_void_p
-            lib.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
-            lib.ggml_threadpool_free.restype = None
-            attach = lc.llama_cpp._lib.llama_attach_threadpool
-            attach.argtypes = [ctypes.c_void_p] * 3
-            attach.restype = None
-            return lib
-    return None  # pragma: no cover - a build without a CPU backend library
+    path = ggml_library("ggml-cpu")
+    if path is None:  # pragma: no cover - a build without a CPU backend library
+        return None
+    base = libggml_base()
+    base.ggml_threadpool_params_init.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    base.ggml_threadpool_params_init.restype = None
+    _check_threadpool_params(base)
+    lib = ctypes.CDLL(str(path))
+    lib.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
+    lib.ggml_threadpool_new.restype = ctypes.c_void_p
+    lib.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+    lib.ggml_threadpool_free.restype = None
+    attach = lc.llama_cpp._lib.llama_attach_threadpool
+    attach.argtypes = [ctypes.c_void_p] * 3
+    attach.restype = None
+    return lib
 
 
 class _AbortLines(logging.Filter):
