@@ -249,16 +249,15 @@ class ChunkLoop:
         per = self._per_decode(n)
         self.collector.on_stop = self.ctx.abort_decode if per else None
         for spec in plan.batches(g0, n, bos):
-            parts = (
-                list(plan.split(spec, per)) if per else [plan.interleave(spec, self.ctx.n_ubatch)]
-            )
-            for part in parts:
+            if not per:
+                spec = plan.interleave(spec, self.ctx.n_ubatch)
+            for part in plan.split(spec, per) if per else [spec]:
                 self.batch.set(part.tokens, part.positions, part.seq_ids, True)
                 self.collector.reset_cache()
                 self._decode(verify)
                 verify = False
             tp = time.perf_counter()
-            self._score(g0, parts[-1] if len(parts) == 1 else spec, nll)
+            self._score(g0, spec, nll)
             self.stats.ppl_seconds += time.perf_counter() - tp
         return nll
 

@@ -170,7 +170,7 @@ class ChunkPlan:
         """``spec``'s sequences in decodes of ``per_decode`` whole sequences each (their
         sequence ids, and so their cache streams, unchanged); ``spec`` has them one
         after the other."""
-        if spec.block not in (0, spec.size):
+        if spec.block:
             raise ValueError("split needs the sequences one after the other")
         n_seq = spec.n_seq
         step = per_decode * spec.size
