@@ -61,7 +61,10 @@ def parse_table(text: str) -> dict:
         elif line.startswith("Computing weighted average statistics per layer"):
             section = "layers"
         fields = line.split("\t")
-        if section == "tensors" and len(fields) == 13 and fields[8].strip().isdigit():
+        # a row torn by llama's racing logger thread starts with part of a log prefix
+        # ("001.624 I     0"): no layer name holds a space, so such a row is not taken
+        torn = " " in fields[0].strip()
+        if section == "tensors" and len(fields) == 13 and fields[8].strip().isdigit() and not torn:
             out["tensors"].append([f.strip().rstrip("%") for f in fields])
         elif section == "layers" and len(fields) == 4 and fields[0].strip().isdigit():
             out["layers"].append([f.strip().rstrip("%") for f in fields])
