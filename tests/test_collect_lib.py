@@ -398,6 +398,77 @@ def test_threads_and_shared_inputs_do_not_change_the_sums(tiny_model, tokens, ca
     assert split == ["18 of the reuses needed no graph split of their own"]
 
 
+@pytest.fixture(params=["untied", "tied"])
+def probe_model(request, dense_model, models_dir):
+    """The dense model, and one that projects onto its token embedding (as gemma does)."""
+    if request.param == "untied":
+        return dense_model
+    from tinymodels import DENSE, write_tiny_model
+
+    return write_tiny_model(models_dir / "tiny-tied.gguf", DENSE, seed=1, tied=True)
+
+
+def _probe_lines(caplog) -> list[str]:
+    keys = ("output projection", "graphs will stop", "not cut early")
+    return [r.getMessage() for r in caplog.records if any(k in r.getMessage() for k in keys)]
+
+
+def test_the_probe_ends_at_the_output_projection(probe_model, calib_text, tmp_path, caplog):
+    """The probe's decode is aborted when the output projection is asked about (its
+    weight is ``output.weight``, or ``token_embd.weight`` in a tied model); it arms the
+    same cut as a probe that runs in full, the probe's abort is not counted as a
+    chunk's, and the bytes are those of uncut graphs."""
+    import logging
+
+    from imatrix.collect import collector
+
+    toks = tmp_path / "calib.npy"
+    tokenize_file(probe_model, calib_text, toks)
+    kw = dict(n_ctx=128, n_batch=512, last_chunk=8, compute_ppl=False)
+    caplog.set_level(logging.DEBUG, logger="imatrix.collect")
+    short = collect(probe_model, toks, None, CollectSettings(**kw))
+    lines = _probe_lines(caplog)
+    assert lines == [
+        "the probe's decode ended at the output projection",
+        "graphs will stop after 'blk.1.ffn_down.weight' (nothing needs the rest)",
+    ]
+    caplog.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(collector, "HEAD_WEIGHTS", frozenset())
+        full_probe = collect(probe_model, toks, None, CollectSettings(**kw))
+    assert _probe_lines(caplog) == lines[1:]
+    uncut = collect(probe_model, toks, None, CollectSettings(stop_early=False, **kw))
+    assert short.stopped_early and full_probe.stopped_early
+    assert short.aborted_decodes == full_probe.aborted_decodes == 2
+    _same_entries(short.data, full_probe.data)
+    _same_entries(short.data, uncut.data)
+
+
+def test_a_needed_tensor_after_the_projection_disarms_the_cut(
+    dense_model, calib_text, tmp_path, monkeypatch, caplog
+):
+    """Were a needed tensor computed after the output projection, a probe ended there
+    would not see it: the scheduler still asks about it, and the cut is not armed.
+    (No model here has one; a needed tensor is named as the projection instead.)"""
+    import logging
+
+    from imatrix.collect import collector
+
+    tokens = tmp_path / "calib.npy"
+    tokenize_file(dense_model, calib_text, tokens)
+    kw = dict(n_ctx=128, n_batch=512, last_chunk=6, compute_ppl=False)
+    full = collect(dense_model, tokens, None, CollectSettings(stop_early=False, **kw))
+    monkeypatch.setattr(collector, "HEAD_WEIGHTS", frozenset({"blk.1.attn_q.weight"}))
+    caplog.set_level(logging.DEBUG, logger="imatrix.collect")
+    res = collect(dense_model, tokens, None, CollectSettings(**kw))
+    assert _probe_lines(caplog) == [
+        "the probe's decode ended at the output projection",
+        "graphs are not cut early: a needed tensor follows the output projection",
+    ]
+    assert not res.stopped_early and res.aborted_decodes == 0
+    _same_entries(res.data, full.data)
+
+
 def test_a_wrong_probe_is_caught_and_undone(tiny_model, tokens, monkeypatch, caplog):
     """If the probe named a tensor that is not the last one of the real graphs, the first
     decode's check notices, puts the sums back and decodes again in full."""

@@ -338,6 +338,21 @@ def test_probe_does_not_arm_when_unsafe(seen, small):
     assert cut.stop_after is None
 
 
+def test_a_needed_tensor_after_the_head_disarms_the_probe():
+    cut = GraphCut()
+    assert not cut.saw_head()  # not probing: nothing to end
+    cut.start_probe()
+    cut.asked_needed()  # before the head: fine
+    cut.record("a", 32)
+    assert cut.saw_head() and not cut.saw_head()  # ended once
+    assert cut.finish_probe(32) and cut.stop_after == "a"
+    cut.start_probe()  # a new probe forgets the old head
+    cut.record("a", 32)
+    assert cut.saw_head()
+    cut.asked_needed()
+    assert not cut.finish_probe(32) and cut.stop_after == "a"  # the old arming stays
+
+
 def test_verify_confirms_or_disarms_for_good():
     cut = GraphCut()
     _probe(cut, [("a", 32), ("b", 32)])

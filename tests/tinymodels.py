@@ -87,12 +87,14 @@ def write_tiny_model(
     nan_weights: bool = False,
     chat_template: str | None = None,
     control_tokens: tuple[str, ...] = (),
+    tied: bool = False,
 ) -> Path:
     """Write a tiny llama GGUF to ``path`` and return the path.
 
     ``nan_weights`` plants NaNs in one FFN weight, for tests of non-finite activations.
     ``chat_template`` is stored as ``tokenizer.chat_template``; ``control_tokens`` are
     appended to the vocabulary as control tokens (e.g. a template's turn markers).
+    ``tied``: no ``output.weight``; the output projection uses the token embedding.
     """
     import gguf  # imported here: only tests and fixtures need gguf-py's writer
 
@@ -165,7 +167,8 @@ def write_tiny_model(
             w.add_tensor(p + "ffn_up.weight", mat(f, e))
             w.add_tensor(p + "ffn_down.weight", mat(e, f))
     w.add_tensor("output_norm.weight", norm(e))
-    w.add_tensor("output.weight", mat(n_vocab, e))
+    if not tied:  # else llama.cpp projects onto the token embedding
+        w.add_tensor("output.weight", mat(n_vocab, e))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

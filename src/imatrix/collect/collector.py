@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import gguf
+
 from imatrix import ggml
 from imatrix.activations import ColumnSums
 from imatrix.collect.accumulate import Accumulators
@@ -33,6 +35,11 @@ from imatrix.model import Entry
 
 #: llama-imatrix ignores MUL_MAT nodes whose input has fewer rows than this
 MIN_ROWS = 16
+#: weights of the output projection (a model that ties it uses the token embedding)
+HEAD_WEIGHTS = frozenset(
+    f"{gguf.TENSOR_NAMES[t]}.weight"
+    for t in (gguf.MODEL_TENSOR.OUTPUT, gguf.MODEL_TENSOR.TOKEN_EMBD)
+)
 
 
 class Collector:
@@ -69,6 +76,9 @@ class Collector:
         #: called when the tensor a graph stops after has been read, instead of
         #: stopping the graph piece (None: the piece stops; see the loop's abort)
         self.on_stop: Callable[[], None] | None = None
+        #: called while probing when the output projection is asked about, to end the
+        #: probe's decode there (None: the probe runs in full)
+        self.on_head: Callable[[], None] | None = None
 
     def close(self) -> None:
         self.acc.summer.close()
@@ -111,9 +121,25 @@ class Collector:
             return False
         else:
             need = self._dense_needed(t)
-        if need and self.shared.holding and self._take_shared(t):
+        if self.cut.mode is Mode.PROBE:
+            self._probe_ask(t, need)
+        elif need and self.shared.holding and self._take_shared(t):
             return False
         return need
+
+    def _probe_ask(self, t: ggml.GGMLTensor, need: bool) -> None:
+        """End the probe's decode at the output projection. The nodes after it are
+        still asked about, so a needed one there disarms the cut
+        (:meth:`imatrix.collect.graph_cut.GraphCut.asked_needed`)."""
+        if (
+            self.on_head is not None
+            and t.op == self._op_mm
+            and ggml.filter_name(ggml.tensor(t.src[0]).name) in HEAD_WEIGHTS
+            and self.cut.saw_head()
+        ):
+            self.on_head()
+        if need:
+            self.cut.asked_needed()
 
     def _dense_needed(self, t: ggml.GGMLTensor) -> bool:
         src1 = ggml.tensor(t.src[1])
@@ -136,8 +162,6 @@ class Collector:
         cached sums are those :meth:`_observe` would reuse after the node ran: every
         node between is asked about first and drops the cache if it writes the input.
         Not while probing (nothing is cached) nor for the node a graph stops after."""
-        if self.cut.mode is Mode.PROBE:
-            return False
         src0 = ggml.tensor(t.src[0])
         src1 = ggml.tensor(t.src[1])
         name = ggml.filter_name(src0.name)
@@ -219,4 +243,4 @@ class Collector:
         self.acc.round_to_float32()
 
 
-__all__ = ["MIN_ROWS", "Collector"]
+__all__ = ["HEAD_WEIGHTS", "MIN_ROWS", "Collector"]

@@ -13,7 +13,11 @@ Which tensor is last is learnt in two steps, one explicit :class:`Mode` at a tim
 - ``PROBE``: a small decode (a few dozen tokens, at least 16 so that every
   ``MUL_MAT`` is needed) records the needed tensors in graph order; nothing is
   accumulated. Stopping is armed after the last one when each occurred once, each
-  covered every token, and no ``MUL_MAT`` was skipped for too few rows.
+  covered every token, and no ``MUL_MAT`` was skipped for too few rows. Where the
+  decode can be aborted (CPU only), the probe ends at the output projection, which
+  costs more than the rest of a few dozen rows on a large vocabulary: the scheduler
+  asks about every node of the graph before it computes the piece they form, so a
+  needed node after the projection is still seen, and disarms stopping.
 - ``VERIFY``: the first real decode must show every probed tensor covering every
   token of that decode; if one did not (the real graphs differ from the probe's), the
   caller undoes that decode, stopping is disarmed for good, and the decode is run
@@ -48,6 +52,8 @@ class GraphCut:
         self._seq: list[str] = []
         self._rows: dict[str, int] = {}
         self._small = False
+        self._head = False
+        self._past_head = False
 
     @property
     def sequence(self) -> tuple[str, ...]:
@@ -70,14 +76,32 @@ class GraphCut:
         if self.mode is Mode.PROBE:
             self._small = True
 
+    def saw_head(self) -> bool:
+        """The output projection was asked about (PROBE only): True the first time, when
+        the caller may end the probe's decode there."""
+        if self.mode is not Mode.PROBE or self._head:
+            return False
+        self._head = True
+        return True
+
+    def asked_needed(self) -> None:
+        """A needed node was asked about (PROBE only): after the output projection it
+        would go unseen if the probe ended there, so stopping is not armed."""
+        if self.mode is Mode.PROBE and self._head:
+            self._past_head = True
+
     def start_probe(self) -> None:
         self._enter(Mode.COLLECT, Mode.PROBE)
         self._seq, self._rows, self._small = [], {}, False
+        self._head = self._past_head = False
 
     def finish_probe(self, n_tokens: int) -> bool:
         """Arm stopping after the probe's last needed tensor if the probe shows it is safe."""
         self._enter(Mode.PROBE, Mode.COLLECT)
         seq, rows = self._seq, self._rows
+        if self._past_head:
+            log.debug("graphs are not cut early: a needed tensor follows the output projection")
+            return False
         if not seq or self._small or len(set(seq)) != len(seq):
             log.debug("graphs are not cut early: probe saw %s", seq)
             return False

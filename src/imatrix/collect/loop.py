@@ -153,6 +153,7 @@ class ChunkLoop:
         self.stats = LoopStats()
         self._bar: Any = None
         self._cc_prev = 0
+        self._probe_aborts = 0
 
     def run(self, model: Model, start: int, on_chunk: ChunkCallback | None) -> None:
         plan = self.job.plan
@@ -193,7 +194,7 @@ class ChunkLoop:
                 self._bar.close()
         self.ctx.synchronize()
         self.stats.compute_seconds = time.perf_counter() - t_loop
-        self.stats.aborted_decodes = self.ctx.n_aborted
+        self.stats.aborted_decodes = self.ctx.n_aborted - self._probe_aborts
         log.debug(
             "%d tensors observed, %d of them reused a shared input's sums",
             self.collector.n_observed,
@@ -204,31 +205,39 @@ class ChunkLoop:
     def probe(self, chunk: np.ndarray, bos: int | None) -> bool:
         """Decode a few tokens of ``chunk`` to find the last tensor a graph needs (see
         :mod:`imatrix.collect.graph_cut`); the context is cleared afterwards. True when
-        stopping is armed."""
+        stopping is armed. Where decodes may be aborted, the probe's ends at the output
+        projection."""
         n = min(2 * MIN_ROWS, chunk.size, self.batch.capacity, self.ctx.n_ubatch)
         if n < MIN_ROWS:
             return False
         toks = chunk[:n].copy()
         if bos is not None:
             toks[0] = bos
+        if self._abort_allowed():
+            self.ctx.enable_abort()
+            self.collector.on_head = self.ctx.abort_decode
         self.collector.start_probe()
+        aborted = self.ctx.n_aborted
         try:
             self.ctx.clear()
             self.ctx.decode_tokens(self.batch, toks, np.arange(n, dtype=np.int32), 0, True)
         finally:
+            self.collector.on_head = None
+            self._probe_aborts = self.ctx.n_aborted - aborted
+            if self._probe_aborts:
+                log.debug("the probe's decode ended at the output projection")
             armed = self.collector.finish_probe(n)
             self.ctx.clear()
-        if armed:
-            self._arm_abort()
         return armed
 
-    def _arm_abort(self) -> None:
-        """Let decodes end by abort once past the last needed tensor where only the CPU
-        computes: the graph piece's stop alone still has llama.cpp copy out ``n_vocab``
-        floats per token (and clear that buffer first), the largest cost left in a
-        ``--no-ppl`` run. Which groups qualify: :meth:`ChunkPlan.abort_split`."""
-        if not gpu_offload_supported():
-            self.ctx.enable_abort()
+    @staticmethod
+    def _abort_allowed() -> bool:
+        """Decodes may end by abort where only the CPU computes: with a GPU the graph
+        has later splits, and a piece's stop alone does the job. On the CPU, the
+        piece's stop alone still has llama.cpp copy out ``n_vocab`` floats per token
+        (and clear that buffer first), the largest cost left in a ``--no-ppl`` run.
+        Which groups qualify: :meth:`ChunkPlan.abort_split`."""
+        return not gpu_offload_supported()
 
     def _per_decode(self, n: int) -> int:
         """Sequences per decode of a group of ``n`` chunks ending by abort (0: none)."""
