@@ -306,19 +306,25 @@ def _parse() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def _measure(jobs: dict[str, Callable[[], Timing]], repeat: int) -> dict[str, Timing]:
+def _measure(
+    jobs: dict[str, Callable[[], Timing]], repeat: int
+) -> tuple[dict[str, Timing], list[dict[str, Timing]]]:
     """Whole rounds, one after the other (a burst of load on a shared machine then hits
-    one round of every measurement rather than all repeats of one); the median run of
-    each measurement is kept, with the load average seen when it started."""
-    runs: dict[str, list[Timing]] = {k: [] for k in jobs}
+    one round of every measurement rather than all repeats of one). Returns the median
+    run of each measurement, with the load average seen when it started, and every
+    round (ratios within one round share the machine's state)."""
+    rounds: list[dict[str, Timing]] = []
     for r in range(repeat):
+        rounds.append({})
         for key, job in jobs.items():
             load = os.getloadavg()[0]
             t = job()
             t.load = load
             log.info("round %d: %s %.2f s (load average %.1f)", r + 1, t.name, t.seconds, load)
-            runs[key].append(t)
-    return {k: sorted(v, key=lambda t: t.seconds)[(len(v) - 1) // 2] for k, v in runs.items()}
+            rounds[-1][key] = t
+    mid = (repeat - 1) // 2
+    medians = {k: sorted((rd[k] for rd in rounds), key=lambda t: t.seconds)[mid] for k in jobs}
+    return medians, rounds
 
 
 def main() -> None:
@@ -362,29 +368,44 @@ def main() -> None:
         }
         for kind in WORKERS:
             jobs[kind] = functools.partial(_run_worker, kind, model, tok_file, args)
-        by = _measure(jobs, args.repeat)
-    _report(by, model, args)
+        by, rounds = _measure(jobs, args.repeat)
+    _report(by, rounds, model, args)
 
 
-def _report(by: dict[str, Timing], model: Path, args: argparse.Namespace) -> None:
-    ours, ours_p = by["ours"], by["ours-ppl"]
-    summary = {
+#: the report's ratios: name -> (numerator, denominator, whole process?)
+RATIOS = {
+    "speedup_no_ppl": ("llama", "ours", False),
+    "ratio_to_forward_no_ppl": ("ours", "forward", False),
+    "ratio_to_idle_cut": ("ours", "idle-cut", False),
+    "idle_cut_ratio_to_forward": ("idle-cut", "forward", False),
+    "speedup_ppl": ("llama-ppl", "ours-ppl", False),
+    "speedup_ppl_whole": ("llama-ppl", "ours-ppl", True),
+    "ppl_ratio_to_idle_logits": ("ours-ppl", "idle-logits", False),
+    "idle_logits_ratio_to_forward_logits": ("idle-logits", "forward-logits", False),
+}
+
+
+def _ratio(by: dict[str, Timing], name: str) -> float:
+    num, den, whole = RATIOS[name]
+    if whole:
+        return _wall(by[num]) / _wall(by[den])
+    return by[num].seconds / by[den].seconds
+
+
+def _report(
+    by: dict[str, Timing], rounds: list[dict[str, Timing]], model: Path, args: argparse.Namespace
+) -> None:
+    summary: dict[str, Any] = {
         "model": str(model),
         "chunks": args.chunks,
         "n_ctx": args.ctx_size,
         "threads": args.threads,
         "repeat": args.repeat,
         "runs": [asdict(t) | {"tokens_per_s": t.rate} for t in by.values()],
-        "speedup_no_ppl": by["llama"].seconds / ours.seconds,
-        "ratio_to_forward_no_ppl": ours.seconds / by["forward"].seconds,
-        "ratio_to_idle_cut": ours.seconds / by["idle-cut"].seconds,
-        "idle_cut_ratio_to_forward": by["idle-cut"].seconds / by["forward"].seconds,
-        "speedup_ppl": by["llama-ppl"].seconds / ours_p.seconds,
-        "speedup_ppl_whole": _wall(by["llama-ppl"]) / _wall(ours_p),
-        "ppl_ratio_to_idle_logits": ours_p.seconds / by["idle-logits"].seconds,
-        "idle_logits_ratio_to_forward_logits": by["idle-logits"].seconds
-        / by["forward-logits"].seconds,
     }
+    spread = {k: [_ratio(rd, k) for rd in rounds] for k in RATIOS}
+    summary |= {k: _ratio(by, k) for k in RATIOS}
+    summary["per_round"] = spread
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -399,18 +420,22 @@ def _report(by: dict[str, Timing], model: Path, args: argparse.Namespace) -> Non
         if t.callback is not None:
             parts = f"  (summing {t.callback:.2f} s, perplexity {t.perplexity:.2f} s)"
         print(f"{t.name:56s} {t.seconds:8.2f} {t.rate:9.1f} {wall} {t.load:5.1f}{parts}")
-    s = summary
+
+    def r(k: str, digits: int = 3) -> str:
+        lo, hi = min(spread[k]), max(spread[k])
+        return f"{summary[k]:.{digits}f}x (per round {lo:.{digits}f}-{hi:.{digits}f})"
+
     print(
-        f"without perplexity: {s['speedup_no_ppl']:.2f}x llama-imatrix (target >= 2.5), "
-        f"{s['ratio_to_forward_no_ppl']:.3f}x the forward pass without logits (target <= 1.10); "
-        f"{s['ratio_to_idle_cut']:.3f}x the do-nothing callback with the same cut (our "
-        f"arithmetic), which is {s['idle_cut_ratio_to_forward']:.3f}x the forward pass (scheduling)"
+        f"without perplexity: {r('speedup_no_ppl', 2)} llama-imatrix (target >= 2.5), "
+        f"{r('ratio_to_forward_no_ppl')} the forward pass without logits (target <= 1.10); "
+        f"{r('ratio_to_idle_cut')} the do-nothing callback with the same cut (our "
+        f"arithmetic), which is {r('idle_cut_ratio_to_forward')} the forward pass (scheduling)"
     )
     print(
-        f"with perplexity:    {s['ppl_ratio_to_idle_logits']:.3f}x the do-nothing callback with "
-        f"all logits (target <= 1.05), which is {s['idle_logits_ratio_to_forward_logits']:.3f}x "
-        f"the forward pass with all logits; {s['speedup_ppl']:.2f}x llama-imatrix's loop, "
-        f"{s['speedup_ppl_whole']:.2f}x its whole process (target >= 1.0)"
+        f"with perplexity:    {r('ppl_ratio_to_idle_logits')} the do-nothing callback with "
+        f"all logits (target <= 1.05), which is {r('idle_logits_ratio_to_forward_logits')} "
+        f"the forward pass with all logits; {r('speedup_ppl', 2)} llama-imatrix's loop, "
+        f"{r('speedup_ppl_whole', 2)} its whole process (target >= 1.0)"
     )
 
 
