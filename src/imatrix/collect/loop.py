@@ -205,8 +205,8 @@ class ChunkLoop:
     def probe(self, chunk: np.ndarray, bos: int | None) -> bool:
         """Decode a few tokens of ``chunk`` to find the last tensor a graph needs (see
         :mod:`imatrix.collect.graph_cut`); the context is cleared afterwards. True when
-        stopping is armed. Where decodes may be aborted, the probe's ends at the output
-        projection."""
+        stopping is armed. Where decodes may be aborted, the probe's decode ends at the
+        output projection."""
         n = min(2 * MIN_ROWS, chunk.size, self.batch.capacity, self.ctx.n_ubatch)
         if n < MIN_ROWS:
             return False
