@@ -139,3 +139,25 @@ def test_threads_do_not_change_the_sums():
             np.testing.assert_array_equal(a, b)
     finally:
         two.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_without_plain_sums_the_squares_are_the_same(threads):
+    """``with_sums=False`` (an output without ``in_sum``) leaves the plain sums out and
+    changes no square sum, dense or grouped, on one thread or two; the remainder rows
+    (not a multiple of :data:`GROUP`) take the float64 path."""
+    rng = np.random.default_rng(13)
+    x = _adversarial(rng, 2000 + GROUP // 2, 1024)
+    rows = rng.integers(0, x.shape[0], size=3000)
+    starts = np.array([0, 1000, 2500])
+    both, squares = ColumnSums(threads), ColumnSums(threads, with_sums=False)
+    try:
+        for full, part in (
+            (both.dense(x), squares.dense(x)),
+            (both.grouped(x, rows, starts), squares.grouped(x, rows, starts)),
+        ):
+            np.testing.assert_array_equal(part[0], full[0])
+            assert part[1] is None and full[1] is not None
+    finally:
+        both.close()
+        squares.close()

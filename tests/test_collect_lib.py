@@ -240,6 +240,44 @@ def test_resume_refuses_a_checkpoint_of_other_settings(dense_model, calib_text, 
     assert read_imatrix(out).chunk_count == 6
 
 
+def test_resume_refuses_a_checkpoint_without_plain_sums(dense_model, calib_text, tmp_path):
+    """A run for llama-imatrix's formats keeps no plain sums: its checkpoint, resumed
+    for our format, would give partial ones, so the resume is refused."""
+    toks = tmp_path / "t.npy"
+    tokenize_file(dense_model, calib_text, toks)
+    out = tmp_path / "o.gguf"
+    kw = dict(n_ctx=128, last_chunk=6, output_frequency=2, compute_ppl=False, n_batch=128)
+
+    def interrupt(k: int, _p: float | None) -> None:
+        if k == 4:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        collect(dense_model, toks, out, CollectSettings(compat=True, **kw), on_chunk=interrupt)
+    with pytest.raises(ImatrixError, match=r"different settings \(activation_sums\)"):
+        collect(dense_model, toks, out, CollectSettings(resume=True, **kw))
+    res = collect(dense_model, toks, out, CollectSettings(resume=True, compat=True, **kw))
+    assert res.resumed_from == 4
+
+
+@pytest.mark.parametrize(("fmt", "compat"), [("gguf", True), ("dat", False)])
+def test_outputs_without_plain_sums_do_not_compute_them(tiny_model, tokens, tmp_path, fmt, compat):
+    """llama-imatrix's formats cannot store ``in_sum``: a collection for them skips the
+    plain sums (a second pass over every activation), and its file is byte for byte the
+    one written from a collection that computed them."""
+    from imatrix.formats import write_imatrix
+
+    kw = dict(n_ctx=128, n_batch=512, last_chunk=6, compute_ppl=False)
+    out = tmp_path / f"o.{fmt}"
+    lean = collect(tiny_model, tokens, out, CollectSettings(output_format=fmt, compat=compat, **kw))
+    assert lean.data.entries and all(e.sums is None for e in lean.data.entries.values())
+    full = collect(tiny_model, tokens, None, CollectSettings(**kw))
+    assert full.data.has_sums
+    ref = tmp_path / f"ref.{fmt}"
+    write_imatrix(full.data, ref, output_format=fmt, compat=compat)
+    assert out.read_bytes() == ref.read_bytes()
+
+
 def test_chunk_range_is_checked(dense_model, calib_text, tmp_path):
     toks = tmp_path / "t.npy"
     tokenize_file(dense_model, calib_text, toks)

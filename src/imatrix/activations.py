@@ -45,47 +45,62 @@ GROUP = 16
 _PARALLEL_MIN = 1 << 16
 
 
-def _dense_part_exact(x: np.ndarray, sq: np.ndarray, s: np.ndarray, block: int) -> None:
+def _dense_part_exact(x: np.ndarray, sq: np.ndarray, s: np.ndarray | None, block: int) -> None:
     """Every square and every addition in float64."""
     for i in range(0, x.shape[0], block):
         b = x[i : i + block].astype(np.float64)
-        s += np.add.reduce(b, axis=0)
+        if s is not None:
+            s += np.add.reduce(b, axis=0)
         sq += np.einsum("ij,ij->j", b, b)
 
 
-def _dense_part(x: np.ndarray, sq: np.ndarray, s: np.ndarray, block: int) -> None:
+def _dense_part(x: np.ndarray, sq: np.ndarray, s: np.ndarray | None, block: int) -> None:
     """Squares formed in float32 (as llama.cpp forms them) and summed over groups of
     :data:`GROUP` rows in float32; the group sums are accumulated in float64.
 
     Faster than :func:`_dense_part_exact` (no float64 copy of the rows); the error of a
     group sum is bounded by ``gamma_16`` in float32 and does not grow with the number
-    of rows or chunks (see the module docstring for the bound).
+    of rows or chunks (see the module docstring for the bound). ``s`` None: no plain sums.
     """
     n = x.shape[0]
     m = n - n % GROUP
     if m:
         g = x[:m].reshape(m // GROUP, GROUP, x.shape[1])
         sq += np.einsum("bij,bij->bj", g, g).sum(axis=0, dtype=np.float64)
-        s += np.add.reduce(g, axis=1).sum(axis=0, dtype=np.float64)
+        if s is not None:
+            s += np.add.reduce(g, axis=1).sum(axis=0, dtype=np.float64)
     if m < n:
         _dense_part_exact(x[m:], sq, s, block)
 
 
 def _grouped_part(
-    x: np.ndarray, rows: np.ndarray, starts: np.ndarray, sq: np.ndarray, s: np.ndarray
+    x: np.ndarray, rows: np.ndarray, starts: np.ndarray, sq: np.ndarray, s: np.ndarray | None
 ) -> None:
     b = x[rows].astype(np.float64)
-    s += np.add.reduceat(b, starts, axis=0)
+    if s is not None:
+        s += np.add.reduceat(b, starts, axis=0)
     np.multiply(b, b, out=b)
     sq += np.add.reduceat(b, starts, axis=0)
 
 
-class ColumnSums:
-    """Computes ``(sum of x**2, sum of x)`` over rows, in float64, with ``threads`` threads."""
+def _part(s: np.ndarray | None, index: slice | tuple[slice, slice]) -> np.ndarray | None:
+    """A view of the plain sums for one thread's columns (None without plain sums)."""
+    return None if s is None else s[index]
 
-    def __init__(self, threads: int = 1, pool: ThreadPoolExecutor | None = None) -> None:
+
+class ColumnSums:
+    """Computes ``(sum of x**2, sum of x)`` over rows, in float64, with ``threads`` threads.
+
+    ``with_sums=False`` leaves out the plain sums (None in their place): an output that
+    cannot store them (llama-imatrix's formats) needs only the squares, and the plain
+    sums are a second pass over every activation."""
+
+    def __init__(
+        self, threads: int = 1, pool: ThreadPoolExecutor | None = None, with_sums: bool = True
+    ) -> None:
         """``threads``: parts the columns are split into (the caller computes one); the
         others run on ``pool``, or on a pool of ``threads - 1`` owned by this object."""
+        self.with_sums = with_sums
         self.threads = max(1, int(threads))
         self._own = pool is None and self.threads > 1
         self._pool = (
@@ -102,41 +117,45 @@ class ColumnSums:
         edges = [round(i * n_cols / k / 16) * 16 for i in range(k)] + [n_cols]
         return [slice(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
-    def dense(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def dense(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Column sums of a 2-D float32 array ``[rows, cols]``."""
         c = x.shape[1]
         sq = np.zeros(c)
-        s = np.zeros(c)
+        s = np.zeros(c) if self.with_sums else None
         parts = self._slices(c, x.size)
         # row blocks depend on the full width only: the same sums whatever the threads
         block = max(1, _BLOCK_BYTES // (8 * max(c, 1)))
         futures = (
-            [self._pool.submit(_dense_part, x[:, p], sq[p], s[p], block) for p in parts[1:]]
+            [self._pool.submit(_dense_part, x[:, p], sq[p], _part(s, p), block) for p in parts[1:]]
             if self._pool is not None
             else []
         )
-        _dense_part(x[:, parts[0]], sq[parts[0]], s[parts[0]], block)
+        _dense_part(x[:, parts[0]], sq[parts[0]], _part(s, parts[0]), block)
         for f in futures:
             f.result()
         return sq, s
 
     def grouped(
         self, x: np.ndarray, rows: np.ndarray, starts: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Column sums of ``x[rows]`` per segment ``[starts[i], starts[i+1])`` of ``rows``."""
         c = x.shape[1]
         sq = np.zeros((starts.size, c))
-        s = np.zeros((starts.size, c))
+        s = np.zeros((starts.size, c)) if self.with_sums else None
         parts = self._slices(c, rows.size * c)
         futures = (
             [
-                self._pool.submit(_grouped_part, x[:, p], rows, starts, sq[:, p], s[:, p])
+                self._pool.submit(
+                    _grouped_part, x[:, p], rows, starts, sq[:, p], _part(s, (slice(None), p))
+                )
                 for p in parts[1:]
             ]
             if self._pool is not None
             else []
         )
-        _grouped_part(x[:, parts[0]], rows, starts, sq[:, parts[0]], s[:, parts[0]])
+        _grouped_part(
+            x[:, parts[0]], rows, starts, sq[:, parts[0]], _part(s, (slice(None), parts[0]))
+        )
         for f in futures:
             f.result()
         return sq, s

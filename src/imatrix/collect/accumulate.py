@@ -5,7 +5,9 @@ flat ``values`` vector, one count per expert). A dense ``MUL_MAT`` adds the colu
 sums of its input to its matrix (a 3-d/4-d weight has one matrix per broadcast slice);
 a ``MUL_MAT_ID`` adds each token's row to the experts it was routed to and counts
 tokens per expert. How the column sums are formed: :mod:`imatrix.activations`; inputs
-that live in GPU memory are summed there (:mod:`imatrix.collect.device`).
+that live in GPU memory are summed there (:mod:`imatrix.collect.device`). Without
+plain sums (``summer.with_sums`` false: the output cannot store them) the entries
+carry none.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class Accumulators:
         device: DeviceSums | None = None,
     ) -> None:
         self.entries: dict[str, Entry] = {n: e.copy() for n, e in (entries or {}).items()}
+        if not summer.with_sums:
+            for e in self.entries.values():
+                e.sums = None
         self.summer = summer
         self.shared = shared
         self.trace = trace
@@ -108,7 +113,7 @@ class Accumulators:
         sums = None if acc.sums is None else acc.sums.reshape(n_mat, ne0)
         for mat, (sq, sm) in self._dense_parts(name, src1, ne02, ne03).items():
             vals[mat] += sq
-            if sums is not None:
+            if sums is not None and sm is not None:
                 sums[mat] += sm
         inc = int(src1.ne[1] * src1.ne[2] * src1.ne[3]) // n_mat
         acc.counts += inc
@@ -117,7 +122,7 @@ class Accumulators:
     def _dense_entry(self, name: str, size: int) -> Entry:
         acc = self.entries.get(name)
         if acc is None:
-            acc = Entry(np.zeros(size), np.zeros(1), np.zeros(size))
+            acc = Entry(np.zeros(size), np.zeros(1), self._new_sums(size))
             self.entries[name] = acc
             return acc
         # one count per dense tensor (older 3-d files store equal counts per matrix)
@@ -128,6 +133,9 @@ class Accumulators:
                 f"inconsistent size for '{name}': {acc.values.size} values, the model gives {size}"
             )
         return acc
+
+    def _new_sums(self, size: int) -> np.ndarray | None:
+        return np.zeros(size) if self.summer.with_sums else None
 
     def _dense_parts(self, name: str, src1: ggml.GGMLTensor, ne02: int, ne03: int) -> DenseParts:
         """(sum of squares, sum) per matrix; a 2-d input into a 2-d weight may be shared."""
@@ -149,7 +157,8 @@ class Accumulators:
                 _check_finite(sq, name)
                 mat = (i3 % ne03) * ne02 + (i2 % ne02)
                 if mat in parts:
-                    parts[mat] = (parts[mat][0] + sq, parts[mat][1] + sm)
+                    sq0, sm0 = parts[mat]
+                    parts[mat] = (sq0 + sq, None if sm0 is None or sm is None else sm0 + sm)
                 else:
                     parts[mat] = (sq, sm)
         if single and (span := host_span(src1)) is not None:
@@ -175,7 +184,7 @@ class Accumulators:
             )
         touched, sq, sm, counts = self._moe_parts(name, src0, src1, ids_t)
         acc.values.reshape(n_as, ne0)[touched] += sq
-        if acc.sums is not None:
+        if acc.sums is not None and sm is not None:
             acc.sums.reshape(n_as, ne0)[touched] += sm
         acc.counts += counts
         return n_tokens
@@ -185,7 +194,7 @@ class Accumulators:
         if acc is not None and acc.counts.size == 1 and n_as > 1:
             acc.counts = np.full(n_as, acc.counts[0])  # broadcast an old single count
         if acc is None:
-            acc = Entry(np.zeros(ne0 * n_as), np.zeros(n_as), np.zeros(ne0 * n_as))
+            acc = Entry(np.zeros(ne0 * n_as), np.zeros(n_as), self._new_sums(ne0 * n_as))
             self.entries[name] = acc
         elif acc.values.size != ne0 * n_as:
             raise ImatrixError(

@@ -72,12 +72,15 @@ def signature(
     process_output: bool,
     base: ImatrixData | None,
     until_converged: dict[str, Any] | None = None,
+    sums: bool = True,
 ) -> Signature:
     """The settings a checkpoint must have been made with to be resumed from: the
     model, the tokens and the name recorded for them, ``-c``, the chunk range,
     ``--process-output``, and the ``--in-file`` data (its datasets, and with one its
     sums: two inputs of the same datasets may hold different data), and the
-    ``--until-converged`` rule (it decides where the run ends)."""
+    ``--until-converged`` rule (it decides where the run ends), and whether plain sums
+    are kept (not for llama-imatrix's formats: resumed for ours, they would be partial).
+    """
     sig: Signature = {
         "model_sha256": model_sha,
         "tokens_sha256": tokens_sha256(tokens),
@@ -92,6 +95,8 @@ def signature(
         sig["base_sha256"] = _data_digest(base)
     if until_converged is not None:  # likewise absent without one
         sig["until_converged"] = until_converged
+    if not sums:  # likewise absent when kept
+        sig["activation_sums"] = False
     return sig
 
 

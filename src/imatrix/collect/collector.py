@@ -47,7 +47,8 @@ class Collector:
 
     ``reuse_inputs``: sum an input shared by consecutive nodes once (CPU backend only);
     ``threads``/``pool``: threads summing activations (see
-    :class:`imatrix.activations.ColumnSums`); ``trace``: log every node (``-lv 2``).
+    :class:`imatrix.activations.ColumnSums`); ``trace``: log every node (``-lv 2``);
+    ``with_sums``: plain sums of the activations too (the output can store them).
     """
 
     def __init__(
@@ -59,13 +60,15 @@ class Collector:
         threads: int = 1,
         reuse_inputs: bool = False,
         pool: ThreadPoolExecutor | None = None,
+        with_sums: bool = True,
     ) -> None:
         layout = ggml.check_layout()
         self._op_mm = layout.op_mul_mat
         self._op_mmid = layout.op_mul_mat_id
         self.process_output = process_output
         self.shared = SharedInputs(reuse_inputs)
-        self.acc = Accumulators(entries, ColumnSums(threads, pool), self.shared, trace)
+        summer = ColumnSums(threads, pool, with_sums)
+        self.acc = Accumulators(entries, summer, self.shared, trace)
         self.cut = GraphCut()
         self._snapshot: dict[str, Entry] | None = None
         self.n_observed = 0

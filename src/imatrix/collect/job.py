@@ -94,6 +94,7 @@ def prepare_job(
         process_output=settings.process_output,
         base=base,
         until_converged=None if rule is None else rule.as_dict(),
+        sums=settings.keeps_sums,
     )
     return Job(model, plan, settings, source.dataset, prov, base, output, sig)
 

@@ -103,6 +103,7 @@ def run_chunks(
         threads=threads.sum_threads,
         reuse_inputs=threads.reuse_inputs,
         pool=pool,
+        with_sums=s.keeps_sums,
     )
     with (
         _shutdown(pool),

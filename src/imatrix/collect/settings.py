@@ -74,6 +74,12 @@ class CollectSettings:
             raise ImatrixError(f"unknown output format '{self.output_format}' (use gguf or dat)")
 
     @property
+    def keeps_sums(self) -> bool:
+        """The output stores plain activation sums (``in_sum``): llama-imatrix's formats
+        (``--compat``, ``.dat``) do not, so a collection for them does not compute them."""
+        return self.output_format == FORMAT_GGUF and not self.compat
+
+    @property
     def may_stop_early(self) -> bool:
         """Graphs may be cut after the last needed tensor: nothing needs the logits."""
         return self.stop_early is not False and not self.compute_ppl and not self.process_output

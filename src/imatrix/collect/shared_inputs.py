@@ -21,10 +21,10 @@ from imatrix import ggml
 Key = tuple[object, ...]
 #: a byte range ``[lo, hi)`` of host memory
 Span = tuple[int, int]
-#: per matrix: (sum of squares, sum) of a dense input
-DenseParts = dict[int, tuple[np.ndarray, np.ndarray]]
-#: experts touched, their sums of squares and sums, tokens per expert
-MoeParts = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+#: per matrix: (sum of squares, sum) of a dense input (sum None: not computed)
+DenseParts = dict[int, tuple[np.ndarray, np.ndarray | None]]
+#: experts touched, their sums of squares and sums (or None), tokens per expert
+MoeParts = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]
 
 
 def tensor_key(t: ggml.GGMLTensor) -> Key:
