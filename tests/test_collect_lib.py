@@ -220,18 +220,29 @@ def test_resume_equals_uninterrupted_run(tiny_model, tokens, tmp_path, ppl):
         assert res.perplexity.ppl == ref.perplexity.ppl
 
 
-def test_resume_refuses_a_checkpoint_of_other_settings(dense_model, calib_text, tmp_path):
+#: a run that writes a checkpoint every 2 chunks, stopped by :func:`_stopped_run`
+_RESUMABLE = dict(n_ctx=128, last_chunk=6, output_frequency=2, compute_ppl=False, n_batch=128)
+
+
+def _stopped_run(model, calib_text, tmp_path, **extra):
+    """Tokens and output of a collection (``_RESUMABLE`` and ``extra``) stopped after
+    chunk 4: its checkpoint is left."""
     toks = tmp_path / "t.npy"
-    tokenize_file(dense_model, calib_text, toks)
+    tokenize_file(model, calib_text, toks)
     out = tmp_path / "o.gguf"
-    kw = dict(n_ctx=128, last_chunk=6, output_frequency=2, compute_ppl=False, n_batch=128)
 
     def interrupt(k: int, _p: float | None) -> None:
         if k == 4:
             raise _Stop
 
     with pytest.raises(_Stop):
-        collect(dense_model, toks, out, CollectSettings(**kw), on_chunk=interrupt)
+        collect(model, toks, out, CollectSettings(**_RESUMABLE, **extra), on_chunk=interrupt)
+    return toks, out
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(dense_model, calib_text, tmp_path):
+    toks, out = _stopped_run(dense_model, calib_text, tmp_path)
+    kw = _RESUMABLE
     with pytest.raises(ImatrixError, match=r"different settings.*last_chunk"):
         collect(dense_model, toks, out, CollectSettings(resume=True, **{**kw, "last_chunk": 5}))
     # without resume the checkpoint is ignored and replaced by the finished output
@@ -243,17 +254,8 @@ def test_resume_refuses_a_checkpoint_of_other_settings(dense_model, calib_text, 
 def test_resume_refuses_a_checkpoint_without_plain_sums(dense_model, calib_text, tmp_path):
     """A run for llama-imatrix's formats keeps no plain sums: its checkpoint, resumed
     for our format, would give partial ones, so the resume is refused."""
-    toks = tmp_path / "t.npy"
-    tokenize_file(dense_model, calib_text, toks)
-    out = tmp_path / "o.gguf"
-    kw = dict(n_ctx=128, last_chunk=6, output_frequency=2, compute_ppl=False, n_batch=128)
-
-    def interrupt(k: int, _p: float | None) -> None:
-        if k == 4:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        collect(dense_model, toks, out, CollectSettings(compat=True, **kw), on_chunk=interrupt)
+    toks, out = _stopped_run(dense_model, calib_text, tmp_path, compat=True)
+    kw = _RESUMABLE
     with pytest.raises(ImatrixError, match=r"different settings \(activation_sums\)"):
         collect(dense_model, toks, out, CollectSettings(resume=True, **kw))
     res = collect(dense_model, toks, out, CollectSettings(resume=True, compat=True, **kw))
