@@ -154,7 +154,6 @@ class ChunkLoop:
         self.stats = LoopStats()
         self._bar: Any = None
         self._cc_prev = 0
-        self._probe_aborts = 0
 
     def run(self, model: Model, start: int, on_chunk: ChunkCallback | None) -> None:
         plan = self.job.plan
@@ -179,6 +178,7 @@ class ChunkLoop:
         self._bar = _progress(total * plan.n_ctx, self.job.settings.progress)
         t_loop = time.perf_counter()  # the probe is part of the work
         verify = self.job.settings.may_stop_early and self.probe(plan.chunk(start), bos)
+        aborted_before = self.ctx.n_aborted  # the probe's abort is not a chunk decode's
         try:
             for g0, n in plan.groups(start):
                 tg = time.perf_counter()
@@ -195,7 +195,7 @@ class ChunkLoop:
                 self._bar.close()
         self.ctx.synchronize()
         self.stats.compute_seconds = time.perf_counter() - t_loop
-        self.stats.aborted_decodes = self.ctx.n_aborted - self._probe_aborts
+        self.stats.aborted_decodes = self.ctx.n_aborted - aborted_before
         log.debug(
             "%d tensors observed, %d of them reused a shared input's sums",
             self.collector.n_observed,
@@ -224,8 +224,7 @@ class ChunkLoop:
             self.ctx.decode_tokens(self.batch, toks, np.arange(n, dtype=np.int32), 0, True)
         finally:
             self.collector.on_head = None
-            self._probe_aborts = self.ctx.n_aborted - aborted
-            if self._probe_aborts:
+            if self.ctx.n_aborted > aborted:
                 log.debug("the probe's decode ended at the output projection")
             armed = self.collector.finish_probe(n)
             self.ctx.clear()
